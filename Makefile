@@ -1,0 +1,35 @@
+# Two commands on a fresh machine: `make quickstart` and `make test` (each sets up what it needs).
+SHELL := /bin/bash
+ENV := bash scripts/with_env.sh
+QUICKSTART_OUT ?= outputs/quickstart
+PYTEST_ARGS ?=
+
+.PHONY: setup quickstart test test-fast benchmarks mlflow-ui clean help
+
+help:
+	@echo "make quickstart  - set up, then run Neon end to end on the embedded default (Fashion-MNIST)"
+	@echo "make test        - set up, then run the test suite (real Ray, DeepSpeed, MLflow, torch-fidelity)"
+	@echo "make test-fast   - the tests not marked slow"
+	@echo "make benchmarks  - print the benchmark tables"
+	@echo "make mlflow-ui   - open the quickstart's MLflow store at http://127.0.0.1:5000"
+
+setup:
+	@$(ENV) neon-ray --help >/dev/null && echo "environment ready"
+
+quickstart:
+	@$(ENV) neon-ray run jobs/configs/quickstart.yaml --output $(QUICKSTART_OUT)
+
+test:
+	@$(ENV) python -m pytest tests $(PYTEST_ARGS)
+
+test-fast:
+	@$(ENV) python -m pytest tests -m "not slow" $(PYTEST_ARGS)
+
+benchmarks:
+	@$(ENV) python benchmarks/sampling.py
+
+mlflow-ui:
+	@$(ENV) mlflow ui --backend-store-uri sqlite:///$(abspath $(QUICKSTART_OUT))/mlflow.db
+
+clean:
+	rm -rf outputs .pytest_cache

@@ -1,0 +1,133 @@
+"""`neon-ray` command line: one subcommand per stage, plus `run` for the whole pipeline."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from .errors import NeonError
+
+STAGES = ("pretrain", "generate", "finetune", "merge", "evaluate", "tune")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (defaults apply to missing fields)")
+    p.add_argument("--output", help="output root URI (overrides `output`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set finetune.lr=1e-4 (repeatable)")
+    p.add_argument("--force", action="store_true", help="redo the stage even if its manifest is current")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="neon-ray", description="Neon: θ_neon = θ_base − w·(θ_ft − θ_base), as a Ray job.")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="pretrain (if needed) → generate → finetune → evaluate → tune, tracked in MLflow")
+    _add_common(p)
+    for name, text in [
+        ("pretrain", "train the built-in base model on the real training split (Ray Train)"),
+        ("generate", "sample the synthetic set S with Ray Data actors → Parquet"),
+        ("finetune", "fine-tune θ_base on S with Ray Train + DeepSpeed → θ_ft"),
+        ("evaluate", "FID of the base model (or --checkpoint) against the reference statistics"),
+        ("tune", "Ray Tune over w: merge + evaluate per trial"),
+    ]:
+        p = sub.add_parser(name, help=text)
+        _add_common(p)
+        if name == "evaluate":
+            p.add_argument("--checkpoint", help="evaluate this safetensors file instead of the base model")
+    p = sub.add_parser("merge", help="write θ_neon = θ_base − w·(θ_ft − θ_base) as safetensors (streamed)")
+    _add_common(p)
+    p.add_argument("--base", help="θ_base safetensors (default: the run's base model)")
+    p.add_argument("--finetuned", help="θ_ft safetensors (default: the run's finetune output)")
+    p.add_argument("--w", type=float, help="extrapolation weight (default: merge.w)")
+    p.add_argument("--out", help="output safetensors URI (default: <output>/merge/model.safetensors)")
+    p = sub.add_parser("show-config", help="print the resolved config as YAML")
+    _add_common(p)
+    return parser
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("ray", "mlflow", "alembic", "urllib3", "filelock", "torch_fidelity", "DeepSpeed", "deepspeed", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        return _dispatch(args)
+    except NeonError as exc:
+        print(f"neon-ray: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("neon-ray: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        _shutdown_ray()
+
+
+def _shutdown_ray() -> None:
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    from .config import load_config, to_yaml
+    from .storage import ensure_writable
+
+    cfg = load_config(args.config, args.overrides, args.output)
+    if args.command == "show-config":
+        print(to_yaml(cfg), end="")
+        return 0
+    ensure_writable(cfg.output, field="output")
+    t0 = time.time()
+    if args.command == "run":
+        from .pipeline import run
+
+        summary = run(cfg, force=args.force)
+        from .report import print_summary
+
+        print_summary(summary)
+        return 0
+    if args.command == "pretrain":
+        from .stages.pretrain import pretrain
+
+        manifest = pretrain(cfg, force=args.force)
+    elif args.command == "generate":
+        from .stages.generate import generate
+
+        manifest = generate(cfg, force=args.force)
+    elif args.command == "finetune":
+        from .stages.finetune import finetune
+
+        manifest = finetune(cfg, force=args.force)
+    elif args.command == "merge":
+        from .stages.merge import merge_stage
+
+        manifest = merge_stage(cfg, base=args.base, finetuned=args.finetuned, w=args.w, out=args.out, force=args.force)
+    elif args.command == "evaluate":
+        from .stages.evaluate import evaluate
+
+        manifest = evaluate(cfg, checkpoint=args.checkpoint, force=args.force)
+    elif args.command == "tune":
+        from .stages.tune import tune
+
+        manifest = tune(cfg, force=args.force)
+    else:  # pragma: no cover - argparse restricts the choices
+        raise NeonError(f"unknown command {args.command}")
+    print(json.dumps({"stage": manifest["stage"], "metrics": manifest["metrics"], "outputs": manifest["outputs"],
+                      "wall_seconds": round(time.time() - t0, 1)}, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""The typed configuration of a whole run: YAML in/out, `--set a.b=c` overrides, errors naming the field.
+
+One section per stage. Sampler settings are validated by the model family's own sampler schema.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RayConfig(Section):
+    address: str | None = Field(None, description="Ray cluster address; null starts (or joins, under `ray job submit`) a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for an embedded local Ray (null: all).")
+    num_gpus: int | None = Field(None, ge=0, description="GPUs for an embedded local Ray (null: all detected).")
+
+
+class MLflowConfig(Section):
+    enabled: bool = True
+    tracking_uri: str | None = Field(None, description="null: $MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db")
+    experiment: str = "neon-ray"
+    run_name: str | None = None
+
+
+class DataConfig(Section):
+    name: str = Field("fashion_mnist", description="A registered dataset: fashion_mnist, digits, or module:attr.")
+    path: str | None = Field(None, description="Local folder with the dataset files (null: the dataset's default places).")
+    download: bool = Field(True, description="Download from the canonical URL when no local copy exists.")
+
+
+class ModelConfig(Section):
+    family: str = Field("diffusion", description="A registered model family or a module:attr plugin.")
+    preset: str = Field("unet-small", description="A named size from the family's preset table.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Overrides of the preset's fields.")
+    checkpoint: str | None = Field(None, description="Base model safetensors URI; null uses the pretrain stage's output.")
+    base_train_images: int | None = Field(None, ge=1, description="Images the base saw in training (for the extra-compute fraction) when the checkpoint lacks it.")
+
+
+class PretrainConfig(Section):
+    steps: int = Field(4000, ge=1)
+    batch_size: int = Field(128, ge=1, description="Global batch size (split across workers).")
+    lr: float = Field(1e-3, gt=0)
+    warmup_steps: int = Field(200, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    grad_clip: float = Field(1.0, gt=0)
+    bf16: bool = Field(False, description="bf16 autocast (fp32 weights); ~1.5× faster on AVX512-BF16 CPUs.")
+    workers: int = Field(1, ge=1)
+    cpus_per_worker: float = Field(1.0, gt=0)
+    use_gpu: bool | None = Field(None, description="null: use GPUs when the cluster has them.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between resumable progress checkpoints.")
+    log_every: int = Field(100, ge=1)
+
+
+class GenerateConfig(Section):
+    num_samples: int = Field(2000, ge=1, description="|S|, the size of the synthetic set.")
+    batch_size: int = Field(250, ge=1, description="Images per sampling call (one Ray Data work item).")
+    actors: int = Field(2, ge=1, description="Sampling actors in the Ray Data pool.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="Fractional CPUs keep small clusters from deadlocking.")
+    gpus_per_actor: float | None = Field(None, ge=0, description="null: 1 when the cluster has GPUs, else 0.")
+    threads_per_actor: int = Field(1, ge=1, description="torch threads per CPU actor.")
+    io_cpus: float = Field(0.25, gt=0, description="CPUs per Parquet read/write task (Ray's default of 1 deadlocks small clusters).")
+    bf16: bool = Field(False, description="Sample under bf16 autocast (fast on GPUs; off by default so small w·Δθ survive).")
+
+
+class FinetuneConfig(Section):
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    bf16: bool = Field(False, description="bf16 mixed precision (fp32 master weights).")
+    lr: float = Field(1e-4, gt=0)
+    warmup_images: int = Field(0, ge=0, description="Linear warm-up length, in images seen.")
+    budget_images: int = Field(20000, ge=1, description="Fine-tune length B, in images seen.")
+    batch_size: int = Field(64, ge=1, description="Global batch size (micro-batch × workers × accumulation).")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
+    workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    use_gpu: bool | None = None
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class MergeConfig(Section):
+    w: float = Field(1.0, description="Extrapolation weight for a standalone `merge` (θ_base − w·(θ_ft − θ_base)).")
+    allow_negative_w: bool = Field(False, description="Permit w ≤ 0 (diagnostics such as the paper's toy).")
+
+    @model_validator(mode="after")
+    def _check_w(self) -> "MergeConfig":
+        check_w(self.w, "merge.w", self.allow_negative_w)
+        return self
+
+
+class EvaluateConfig(Section):
+    num_samples: int = Field(5000, ge=2, description="Samples per FID evaluation.")
+    seed: int = Field(1_000_003, description="Seed stream of evaluation samples (the same for every w).")
+    extractor: str = Field("fmnist-classifier", description="A feature extractor registered with torch-fidelity.")
+    extractor_weights: str | None = Field(None, description="Weights file of the extractor (null: the packaged default).")
+    reference_split: Literal["train", "test"] = "test"
+    reference_cache: str | None = Field(None, description="Folder for cached reference statistics (null: <output>/reference).")
+    feature_batch_size: int = Field(500, ge=1)
+
+
+class TuneConfig(Section):
+    w_grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5])
+    max_concurrent_trials: int = Field(1, ge=1)
+    cpus_per_trial: float = Field(0.01, gt=0, description="A trial only orchestrates; its sampling and features run in Ray Data actors with their own CPUs.")
+    allow_negative_w: bool = False
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> "TuneConfig":
+        if not self.w_grid:
+            raise ValueError("w_grid must hold at least one value")
+        for i, w in enumerate(self.w_grid):
+            check_w(w, f"tune.w_grid[{i}]", self.allow_negative_w)
+        return self
+
+
+def check_w(w: float, field: str, allow_negative: bool = False) -> None:
+    if not math.isfinite(w):
+        raise ConfigError(f"{field}: w must be finite, got {w}")
+    if not allow_negative and w <= 0:
+        raise ConfigError(f"{field}: w must be > 0 (Neon extrapolates away from the fine-tune), got {w}")
+
+
+class RunConfig(Section):
+    output: str = Field("outputs/run", description="Output root: a local path or any fsspec URI.")
+    seed: int = Field(0, description="Root seed: sample i of a set uses a generator keyed by (seed, stream, i).")
+    ray: RayConfig = Field(default_factory=RayConfig)
+    mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sampler: dict[str, Any] = Field(default_factory=dict, description="The family's sampler settings (steps, guidance, ...).")
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
+    merge: MergeConfig = Field(default_factory=MergeConfig)
+    evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
+    tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    @field_validator("output")
+    @classmethod
+    def _strip_output(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must be a non-empty path or URI")
+        if "://" not in v:  # Ray workers run in other directories: make local paths absolute
+            import os
+
+            v = os.path.abspath(os.path.expanduser(v))
+        return v.rstrip("/") or "/"
+
+    @model_validator(mode="after")
+    def _check_sampler(self) -> "RunConfig":
+        # Imported here: the model registry imports torch, which config users should not pay for twice.
+        from .models import registry
+
+        family = registry.get_family(self.model.family, field="model.family")
+        family.check_preset(self.model.preset, field="model.preset")
+        self.sampler = family.validate_sampler(self.sampler, field="sampler")
+        return self
+
+    def sampler_settings(self):
+        from .models import registry
+
+        return registry.get_family(self.model.family).sampler_schema.model_validate(self.sampler)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading, overrides, errors
+
+
+def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    err = exc.errors()[0]
+    path = ".".join(str(p) for p in err["loc"] if p != "__root__")
+    path = f"{prefix}{path}" if path else prefix.rstrip(".") or "config"
+    msg = err["msg"].removeprefix("Value error, ")
+    extra = f" (got {err['input']!r})" if err.get("type") not in ("extra_forbidden", "missing") and not isinstance(err.get("input"), dict) else ""
+    if err.get("type") == "extra_forbidden":
+        msg = "unknown field"
+    more = f" [+{len(exc.errors()) - 1} more]" if len(exc.errors()) > 1 else ""
+    return f"{path}: {msg}{extra}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. finetune.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides or []:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text!r}: {part} is not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}: invalid YAML{where}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    return data
+
+
+def build_config(data: dict, overrides: list[str] | None = None, output: str | None = None) -> RunConfig:
+    data = apply_overrides(dict(data), overrides or [])
+    if output:
+        data["output"] = output
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None, output: str | None = None) -> RunConfig:
+    data = load_yaml(path) if path else {}
+    return build_config(data, overrides, output)
+
+
+def to_yaml(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def fingerprint(*parts: Any) -> str:
+    """Stable hash of config sections / upstream hashes: decides whether a stage's output is current."""
+    blob = json.dumps([p.model_dump(mode="json") if isinstance(p, BaseModel) else p for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]

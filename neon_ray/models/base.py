@@ -1,0 +1,97 @@
+"""The model protocol every family implements: build, training loss, sample, checkpoint I/O.
+
+A family is a stateless recipe. Stages call it; it never touches Ray, DeepSpeed or MLflow, so a
+user's own model plugs in with `model.family: my_pkg.module:MyFamily`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from ..errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild a network: recorded in every checkpoint's metadata."""
+
+    family: str
+    preset: str
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    num_classes: int
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def to_metadata(self) -> dict[str, str]:
+        import json
+
+        return {
+            "family": self.family,
+            "preset": self.preset,
+            "image_shape": json.dumps(list(self.image_shape)),
+            "num_classes": str(self.num_classes),
+            "options": json.dumps(self.options, sort_keys=True),
+        }
+
+
+class SamplerSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelFamily(ABC):
+    """One kind of generator (diffusion, flow matching, ...). Subclasses fill the five methods."""
+
+    name: ClassVar[str]
+    presets: ClassVar[dict[str, dict[str, Any]]]
+    sampler_schema: ClassVar[type[SamplerSettings]]
+
+    def __init__(self, spec: ModelSpec):
+        self.check_preset(spec.preset, field="model.preset")
+        self.spec = spec
+        self.hparams = {**self.presets[spec.preset], **spec.options}
+
+    # -- configuration -------------------------------------------------------------------------
+    @classmethod
+    def check_preset(cls, preset: str, field: str = "model.preset") -> None:
+        if preset not in cls.presets:
+            raise ConfigError(f"{field}: unknown preset {preset!r} for family {cls.name!r}; choose one of {sorted(cls.presets)}")
+
+    @classmethod
+    def validate_sampler(cls, settings: dict[str, Any], field: str = "sampler") -> dict[str, Any]:
+        try:
+            return cls.sampler_schema.model_validate(settings or {}).model_dump()
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+            got = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
+            raise ConfigError(f"{field}.{loc}: {msg}{got}") from None
+
+    # -- the protocol --------------------------------------------------------------------------
+    @abstractmethod
+    def build(self) -> nn.Module:
+        """A freshly initialised network for `self.spec`."""
+
+    @abstractmethod
+    def training_loss(self, net: nn.Module, images: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The family's original objective on a batch. images: (B, C, H, W) in [-1, 1]; labels: (B,) int64."""
+
+    @abstractmethod
+    def sample(self, net: nn.Module, labels: torch.Tensor, seeds: list[int], settings: SamplerSettings) -> torch.Tensor:
+        """Images (B, C, H, W) in [-1, 1]. All randomness of sample i comes from seeds[i]."""
+
+    def merge_keys(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+        """Names of the tensors Neon extrapolates (default: all; integer/inf tensors are copied by merge)."""
+        return list(state_dict)
+
+    def load_state_dict(self, net: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+        """Load weights strictly; a missing or unexpected key lists the keys and names the file."""
+        from .checkpoint import check_state_dict
+
+        check_state_dict(net, state_dict, source)
+        net.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,139 @@
+"""Checkpoint I/O over safetensors (never pickle), with a streaming writer for tensor-by-tensor merges."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .. import storage
+from ..errors import NeonError
+from .base import ModelSpec
+
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+
+def save_checkpoint(uri: str, state_dict: dict[str, torch.Tensor], spec: ModelSpec, **extra: Any) -> None:
+    """Write `state_dict` as safetensors with the model spec (and e.g. train_images) in its metadata."""
+    meta = spec.to_metadata() | {k: json.dumps(v) for k, v in extra.items()}
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    with tempfile.TemporaryDirectory(prefix="neon-ckpt-") as tmp:
+        local = os.path.join(tmp, "model.safetensors")
+        save_file(tensors, local, metadata=meta)
+        storage.upload_file_atomic(local, uri)
+
+
+def read_metadata(uri: str) -> dict[str, str]:
+    with storage.local_copy(uri, what="checkpoint") as path:
+        try:
+            with safe_open(path, framework="pt") as fh:
+                return dict(fh.metadata() or {})
+        except Exception as exc:  # noqa: BLE001 - safetensors raises several types for corrupt files
+            raise NeonError(f"unreadable checkpoint {uri}: {exc}") from None
+
+
+def spec_from_metadata(meta: dict[str, str], source: str) -> ModelSpec:
+    try:
+        return ModelSpec(
+            family=meta["family"],
+            preset=meta["preset"],
+            image_shape=tuple(json.loads(meta["image_shape"])),
+            num_classes=int(meta["num_classes"]),
+            options=json.loads(meta.get("options", "{}")),
+        )
+    except (KeyError, ValueError) as exc:
+        raise NeonError(f"checkpoint {source} lacks neon-ray model metadata ({exc}); pass model.family/preset explicitly") from None
+
+
+def load_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state_dict, metadata) from a safetensors file, or a `.pt` loaded with weights_only=True."""
+    with storage.local_copy(uri, what="checkpoint") as path:
+        try:
+            if path.endswith((".pt", ".pth", ".bin")):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+                state = obj.get("ema", obj.get("model", obj)) if isinstance(obj, dict) else obj
+                if not isinstance(state, dict):
+                    raise NeonError(f"checkpoint {uri}: expected a state dict")
+                return dict(state), {}
+            tensors: dict[str, torch.Tensor] = {}
+            with safe_open(path, framework="pt") as fh:
+                meta = dict(fh.metadata() or {})
+                for key in fh.keys():
+                    tensors[key] = fh.get_tensor(key)
+            return tensors, meta
+        except NeonError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise NeonError(f"unreadable checkpoint {uri}: {type(exc).__name__}: {str(exc)[:200]}") from None
+
+
+def check_state_dict(net: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_abbrev(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_abbrev(unexpected)}")
+    if wrong:
+        problems.append("wrong shapes " + _abbrev([f"{k} {tuple(state_dict[k].shape)}≠{tuple(expected[k].shape)}" for k in wrong]))
+    if problems:
+        raise NeonError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
+
+
+def _abbrev(items: list[str], limit: int = 8) -> str:
+    head = ", ".join(items[:limit])
+    return f"[{head}{', ...+%d' % (len(items) - limit) if len(items) > limit else ''}]"
+
+
+class StreamingSafetensorsWriter:
+    """Writes a safetensors file one tensor at a time: the header (offsets) is known from shapes alone.
+
+    Layout: u64 little-endian header length, JSON header, then the tensors' bytes in header order.
+    """
+
+    def __init__(self, path: str, layout: Iterable[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None = None):
+        header: dict[str, Any] = {}
+        if metadata:
+            header["__metadata__"] = metadata
+        self._order: list[str] = []
+        self._expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+        offset = 0
+        for name, dtype, shape in layout:
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            self._order.append(name)
+            self._expected[name] = (dtype, tuple(shape))
+            offset += nbytes
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)  # 8-byte alignment of the data section
+        self._fh = open(path, "wb")
+        self._fh.write(struct.pack("<Q", len(blob)))
+        self._fh.write(blob)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        assert name == self._order[self._next], f"tensors must be written in layout order ({name})"
+        dtype, shape = self._expected[name]
+        assert tensor.dtype == dtype and tuple(tensor.shape) == shape, name
+        t = tensor.detach().to("cpu").contiguous()
+        raw = t.reshape(-1).to(torch.uint8) if t.dtype == torch.bool else t.reshape(-1).view(torch.uint8)
+        self._fh.write(raw.numpy().tobytes())
+        self._next += 1
+
+    def close(self) -> None:
+        self._fh.close()
+        assert self._next == len(self._order), "not every tensor was written"

@@ -1,0 +1,50 @@
+"""Family registry: built-ins, `module:attr` plugins and the `neon_ray.models` entry-point group."""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+
+from ..errors import ConfigError
+from .base import ModelFamily
+
+_FAMILIES: dict[str, type[ModelFamily]] = {}
+
+
+def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
+    """Class decorator: make a family available by its `name`."""
+    _FAMILIES[cls.name] = cls
+    return cls
+
+
+def _load_builtins() -> None:
+    if not _FAMILIES:
+        from . import diffusion  # noqa: F401  (registers itself)
+
+
+def _load_plugin(path: str, field: str) -> type[ModelFamily]:
+    module_name, _, attr = path.partition(":")
+    try:
+        obj = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"{field}: cannot import plugin {path!r} ({exc})") from None
+    if not (isinstance(obj, type) and issubclass(obj, ModelFamily)):
+        raise ConfigError(f"{field}: plugin {path!r} is not a ModelFamily subclass")
+    return obj
+
+
+def get_family(name: str, field: str = "model.family") -> type[ModelFamily]:
+    _load_builtins()
+    if ":" in name:
+        return _load_plugin(name, field)
+    if name in _FAMILIES:
+        return _FAMILIES[name]
+    for ep in entry_points(group="neon_ray.models"):
+        if ep.name == name:
+            return _load_plugin(ep.value, field)
+    raise ConfigError(f"{field}: unknown model family {name!r}; known: {sorted(_FAMILIES)} or a module:attr plugin")
+
+
+def known_families() -> list[str]:
+    _load_builtins()
+    return sorted(_FAMILIES)

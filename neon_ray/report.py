@@ -1,0 +1,86 @@
+"""Human-facing outputs of a run: the sample grid, the FID-vs-w plot and the closing table."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .imageio import decode_png
+from .sampling import read_samples
+
+
+def sample_grid(samples_uri: str, rows: int, cols: int) -> np.ndarray:
+    """A rows×cols grid (H·rows, W·cols) uint8 of the first images (ordered by index: labels cycle per column)."""
+    table = read_samples(samples_uri, columns=["index", "png"])
+    pngs = table.column("png").to_pylist()[: rows * cols]
+    images = [decode_png(p) for p in pngs]
+    c, h, w = images[0].shape
+    grid = np.zeros((c, rows * h, cols * w), np.uint8)
+    for k, im in enumerate(images):
+        r, q = divmod(k, cols)
+        grid[:, r * h : (r + 1) * h, q * w : (q + 1) * w] = im
+    return grid
+
+
+def save_comparison_grid(base_uri: str, neon_uri: str, path: str, title: str, rows: int = 8, cols: int = 10) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.4), dpi=110)
+    for ax, uri, name in ((axes[0], base_uri, "base"), (axes[1], neon_uri, "Neon")):
+        g = sample_grid(uri, rows, cols)
+        ax.imshow(g[0] if g.shape[0] == 1 else np.transpose(g, (1, 2, 0)), cmap="gray", vmin=0, vmax=255)
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_fid_plot(trials: list[dict], fid_base: float, path: str, title: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ws = [t["w"] for t in trials]
+    fids = [t["fid"] for t in trials]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    ax.plot(ws, fids, "o-", label="Neon θ(w)")
+    ax.axhline(fid_base, color="gray", linestyle="--", label="base (w = 0)")
+    best = int(np.argmin(fids))
+    ax.plot([ws[best]], [fids[best]], "r*", markersize=14, label=f"best w = {ws[best]:.3g}")
+    ax.set_xlabel("w")
+    ax.set_ylabel("FID")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def print_summary(summary: dict) -> None:
+    line = "─" * 64
+    print(line)
+    print(f"Neon on {summary['dataset']} · {summary['model']} · sampler {summary['sampler']}")
+    print(line)
+    print(f"{'':28}{'FID':>12}{'class consistency':>22}")
+    print(f"{'base (w = 0)':28}{summary['fid_base']:>12.4f}{_pct(summary.get('base_class_consistency')):>22}")
+    print(f"{'Neon (w = %.3g)' % summary['best_w']:28}{summary['fid_neon']:>12.4f}{_pct(summary.get('neon_class_consistency')):>22}")
+    change = (summary["fid_neon"] - summary["fid_base"]) / summary["fid_base"] * 100 if summary["fid_base"] else float("nan")
+    print(f"{'change':28}{change:>+11.1f}%")
+    print(line)
+    print("FID by w: " + ", ".join(f"{t['w']:.3g}: {t['fid']:.3f}" for t in summary.get("trials", [])))
+    print(f"|S| = {summary['n_synthetic']}, fine-tune images = {summary['finetune_images']}, "
+          f"extra compute = {_pct(summary.get('extra_compute_fraction'), 2)} of the base's training")
+    print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
+    print(f"summary: {summary['summary_uri']}")
+    print(f"MLflow:  {summary['mlflow_ui']}   (then open http://127.0.0.1:5000)")
+
+
+def _pct(x, digits: int = 1) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"

@@ -1,0 +1,1 @@
+"""Pipeline stages. Each module exposes one entry: `<stage>(cfg: RunConfig, ...) -> manifest dict`."""

@@ -1,0 +1,190 @@
+"""Stage `finetune`: θ_ft = a short fine-tune of θ_base on S with the model's own loss (Ray Train + DeepSpeed).
+
+DeepSpeed runs the optimiser (ZeRO stage 0–3, optional bf16 with fp32 master weights). At the end
+every rank takes part in gathering the full fp32 parameters, and rank 0 writes θ_ft as safetensors:
+the merge needs fp32 θ_ft, since θ_ft − θ_base is far below bf16 resolution.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import tempfile
+import time
+
+import torch
+
+from .. import storage
+from ..cluster import ensure_ray, resolve_use_gpu
+from ..config import RunConfig, fingerprint
+from ..errors import NeonError
+from ..manifest import start, up_to_date
+from ..models.checkpoint import save_checkpoint
+from ..training import derive_seed, linear_warmup, to_model_range
+from .common import base_checkpoint_uri, base_identity, require_stage, set_torch_threads, train_images_of
+
+log = logging.getLogger("neon_ray")
+STAGE = "finetune"
+MODEL = "model.safetensors"
+
+
+def config_hash(cfg: RunConfig) -> str:
+    from .generate import config_hash as generate_hash
+
+    return fingerprint(STAGE, cfg.seed, base_identity(cfg), generate_hash(cfg), cfg.finetune)
+
+
+def plan(cfg: RunConfig) -> dict:
+    f = cfg.finetune
+    if f.batch_size % f.workers:
+        raise NeonError(f"finetune.batch_size: {f.batch_size} is not divisible by finetune.workers={f.workers}")
+    steps = max(1, math.ceil(f.budget_images / f.batch_size))
+    return {"steps": steps, "micro_batch": f.batch_size // f.workers, "warmup_steps": math.ceil(f.warmup_images / f.batch_size),
+            "images": steps * f.batch_size}
+
+
+def finetune(cfg: RunConfig, force: bool = False) -> dict:
+    base = base_checkpoint_uri(cfg)
+    from .generate import config_hash as generate_hash
+
+    samples = require_stage(cfg, "generate", generate_hash(cfg))["outputs"]["samples"]
+    h = config_hash(cfg)
+    if (done := up_to_date(STAGE, cfg.output, h, force)) is not None:
+        return done
+    p = plan(cfg)
+    rec = start(STAGE, cfg.output, h)
+    ensure_ray(cfg.ray)
+
+    import ray
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ds = ray.data.read_parquet(storage.to_local_path(samples), columns=["png", "label"],
+                               ray_remote_args={"num_cpus": cfg.generate.io_cpus})
+    n = ds.count()
+    if n == 0:
+        raise NeonError(f"empty synthetic set: {samples} holds no images")
+    if n < cfg.finetune.batch_size:
+        raise NeonError(f"finetune.batch_size: {cfg.finetune.batch_size} exceeds the synthetic set's {n} images")
+    f = cfg.finetune
+    use_gpu = resolve_use_gpu(f.use_gpu)
+    trainer = TorchTrainer(
+        _finetune_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "base": base, "stage_dir": rec.dir, "plan": p, "use_gpu": use_gpu},
+        scaling_config=ScalingConfig(num_workers=f.workers, use_gpu=use_gpu, resources_per_worker={"CPU": f.cpus_per_worker}),
+        datasets={"train": ds},
+        run_config=TrainRunConfig(name=f"finetune-{h}", storage_path=os.path.join(tempfile.gettempdir(), "neon-ray-train")),
+    )
+    trainer.fit()
+    summary = storage.read_json(storage.join(rec.dir, "train_summary.json"))
+    base_images = train_images_of(base, cfg)
+    rec.inputs = {"base_checkpoint": base, "samples": samples}
+    rec.outputs = {"model": storage.join(rec.dir, MODEL), "history": storage.join(rec.dir, "history.json")}
+    rec.metrics = {
+        "finetune_images": p["images"],
+        "steps": p["steps"],
+        "final_loss": summary["final_loss"],
+        "initial_loss": summary["initial_loss"],
+        "images_per_second": summary["images_per_second"],
+        "base_train_images": base_images,
+        "extra_compute_fraction": (p["images"] / base_images) if base_images else None,
+    }
+    rec.params = {"zero_stage": f.zero_stage, "bf16": f.bf16, "lr": f.lr, "batch_size": f.batch_size, "workers": f.workers,
+                  "warmup_images": f.warmup_images, "budget_images": f.budget_images, "use_gpu": use_gpu}
+    return rec.finish()
+
+
+def _deepspeed_config(cfg: RunConfig, micro_batch: int) -> dict:
+    f = cfg.finetune
+    return {
+        "train_batch_size": f.batch_size,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": f.grad_clip,
+        "zero_optimization": {"stage": f.zero_stage},
+        "bf16": {"enabled": f.bf16},
+        "steps_per_print": 1 << 30,
+        "zero_allow_untested_optimizer": True,
+    }
+
+
+def _gather_fp32_state(engine, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full fp32 weights: DeepSpeed's master copy where it keeps one (ZeRO 1–3, bf16), else the module's.
+
+    Collective under ZeRO-3: every rank must call it.
+    """
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)
+        state[name] = (full if full is not None else param.detach()).float().cpu().clone()
+    for name, buf in engine.module.named_buffers():
+        state[name] = buf.detach().cpu().clone()
+    expected = set(net.state_dict())
+    assert set(state) == expected, f"gathered keys differ: {sorted(expected ^ set(state))[:5]}"
+    return state
+
+
+def _finetune_loop(loop_cfg: dict) -> None:
+    """Runs on every Ray Train worker: DeepSpeed engine over this worker's shard of S."""
+    import ray.train
+    import ray.train.torch
+
+    if not loop_cfg["use_gpu"]:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+
+    from ..imageio import decode_batch
+    from .common import load_model
+
+    cfg = RunConfig.model_validate(loop_cfg["cfg"])
+    p, stage_dir = loop_cfg["plan"], loop_cfg["stage_dir"]
+    f = cfg.finetune
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    set_torch_threads(f.threads_per_worker)
+    device = ray.train.torch.get_device()
+
+    family, net = load_model(cfg, loop_cfg["base"])
+    net.train()
+    opt = torch.optim.AdamW(net.parameters(), lr=f.lr, weight_decay=f.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, p["warmup_steps"]))
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched, config=_deepspeed_config(cfg, p["micro_batch"]),
+                                           dist_init_required=False)
+    dtype = torch.bfloat16 if f.bf16 else torch.float32
+    shard = ray.train.get_dataset_shard("train")
+
+    step, epoch, losses, history, t0 = 0, 0, [], [], time.time()
+    while step < p["steps"]:
+        batches = shard.iter_batches(batch_size=p["micro_batch"], batch_format="numpy", drop_last=True,
+                                     local_shuffle_buffer_size=4 * p["micro_batch"], local_shuffle_seed=derive_seed(cfg.seed, "ft", rank, epoch) % (2**31))
+        for batch in batches:
+            if step >= p["steps"]:
+                break
+            x = to_model_range(torch.from_numpy(decode_batch(batch["png"]))).to(device, dtype)
+            y = torch.from_numpy(batch["label"].astype("int64")).to(device)
+            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "finetune-noise", rank, step))
+            loss = family.training_loss(engine, x, y, gen)
+            engine.backward(loss)
+            engine.step()
+            losses.append(loss.item())
+            step += 1
+            if step == 1 or step % 10 == 0 or step == p["steps"]:
+                history.append({"step": step, "loss": sum(losses[-10:]) / len(losses[-10:]), "lr": sched.get_last_lr()[0]})
+                if rank == 0:
+                    print(f"[finetune] step {step}/{p['steps']} loss {history[-1]['loss']:.4f}", flush=True)
+        epoch += 1
+    seconds = time.time() - t0
+
+    state = _gather_fp32_state(engine, net)  # collective under ZeRO-3
+    if rank == 0:
+        save_checkpoint(storage.join(stage_dir, MODEL), state, family.spec, finetune_images=p["images"])
+        storage.write_json_atomic(storage.join(stage_dir, "history.json"), history)
+        storage.write_json_atomic(storage.join(stage_dir, "train_summary.json"), {
+            "final_loss": sum(losses[-10:]) / len(losses[-10:]),
+            "initial_loss": losses[0],
+            "images_per_second": round(p["images"] / max(seconds, 1e-9), 1),
+        })

@@ -1,0 +1,138 @@
+"""Stage `pretrain`: train a built-in model on the real training split with Ray Train (DDP).
+
+Writes `<output>/pretrain/model.safetensors` holding the EMA weights (θ_base), with the images seen in
+its metadata. Resumable: a progress checkpoint every `pretrain.checkpoint_every` steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import tempfile
+import time
+
+import torch
+
+from .. import storage
+from ..cluster import ensure_ray, resolve_use_gpu
+from ..config import RunConfig, fingerprint
+from ..manifest import start, up_to_date
+from ..models.checkpoint import save_checkpoint
+from ..training import count_parameters, derive_seed, ema_update, to_model_range, warmup_cosine
+from .common import BASE_MODEL, dataset_of, family_of, load_progress, save_progress, set_torch_threads
+
+log = logging.getLogger("neon_ray")
+STAGE = "pretrain"
+
+
+def config_hash(cfg: RunConfig) -> str:
+    return fingerprint(STAGE, cfg.seed, cfg.data, cfg.model.family, cfg.model.preset, cfg.model.options, cfg.pretrain)
+
+
+def pretrain(cfg: RunConfig, force: bool = False) -> dict:
+    h = config_hash(cfg)
+    if (done := up_to_date(STAGE, cfg.output, h, force)) is not None:
+        return done
+    dataset_of(cfg).load("train")  # fail fast (on the driver) when the data is missing
+    rec = start(STAGE, cfg.output, h)
+    ensure_ray(cfg.ray)
+
+    from ray.train import RunConfig as TrainRunConfig
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    p = cfg.pretrain
+    use_gpu = resolve_use_gpu(p.use_gpu)
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), "stage_dir": rec.dir, "config_hash": h},
+        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu, resources_per_worker={"CPU": p.cpus_per_worker}),
+        run_config=TrainRunConfig(name=f"pretrain-{h}", storage_path=os.path.join(tempfile.gettempdir(), "neon-ray-train")),
+    )
+    trainer.fit()
+    summary = storage.read_json(storage.join(rec.dir, "train_summary.json"))
+    rec.outputs = {"model": storage.join(rec.dir, BASE_MODEL), "history": storage.join(rec.dir, "history.json")}
+    rec.metrics = {k: summary[k] for k in ("final_loss", "train_images", "parameters", "images_per_second")}
+    rec.params = {"workers": p.workers, "use_gpu": use_gpu, "steps": p.steps, "batch_size": p.batch_size, "lr": p.lr}
+    return rec.finish()
+
+
+def _train_loop(loop_cfg: dict) -> None:
+    """Runs on every Ray Train worker. Batches are drawn from (seed, step); noise from (seed, rank, step)."""
+    import ray.train
+    import ray.train.torch
+
+    cfg = RunConfig.model_validate(loop_cfg["cfg"])
+    stage_dir, h = loop_cfg["stage_dir"], loop_cfg["config_hash"]
+    p = cfg.pretrain
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    set_torch_threads(p.cpus_per_worker)
+    device = ray.train.torch.get_device()
+
+    images, labels = dataset_of(cfg).load("train")
+    images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
+    family = family_of(cfg)
+    net = family.build()
+    ema = copy.deepcopy(net).requires_grad_(False)
+    opt = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
+    progress_uri = storage.join(stage_dir, "progress", "state.pt")
+    history: list[dict] = []
+    step0 = 0
+    if (state := load_progress(progress_uri)) is not None and state.get("config_hash") == h:
+        net.load_state_dict(state["net"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["opt"])
+        step0, history = int(state["step"]), list(state.get("history", []))
+        if rank == 0:
+            print(f"[pretrain] resuming at step {step0}/{p.steps}", flush=True)
+    net.to(device)
+    ema.to(device)
+    model = ray.train.torch.prepare_model(net) if world > 1 else net
+    model.train()
+    if rank == 0:
+        print(f"[pretrain] {family.spec.family}/{family.spec.preset}: {count_parameters(net) / 1e6:.2f}M parameters, "
+              f"{p.steps} steps × {p.batch_size} images on {world} worker(s)", flush=True)
+
+    t0, seen0, running = time.time(), step0 * p.batch_size, []
+    for step in range(step0, p.steps):
+        for group in opt.param_groups:
+            group["lr"] = p.lr * warmup_cosine(step, p.steps, p.warmup_steps, final_fraction=0.05)
+        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "pretrain-batch", step))
+        idx = torch.randint(0, len(labels_t), (p.batch_size,), generator=g)[rank::world]
+        x = to_model_range(images_t[idx]).to(device)
+        y = labels_t[idx].to(device)
+        noise_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "pretrain-noise", rank, step))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.bf16):
+            loss = family.training_loss(model, x, y, noise_gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), p.grad_clip)
+        opt.step()
+        ema_update(ema, net, p.ema_decay)
+        running.append(loss.item())
+
+        if (step + 1) % p.log_every == 0 or step + 1 == p.steps:
+            rate = ((step + 1) * p.batch_size - seen0) / max(time.time() - t0, 1e-9)
+            mean_loss = sum(running) / len(running)
+            running = []
+            history.append({"step": step + 1, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]})
+            if rank == 0:
+                eta = (p.steps - step - 1) * p.batch_size / max(rate, 1e-9)
+                print(f"[pretrain] step {step + 1}/{p.steps} loss {mean_loss:.4f} {rate:.0f} img/s eta {eta / 60:.1f} min", flush=True)
+        if rank == 0 and ((step + 1) % p.checkpoint_every == 0) and step + 1 < p.steps:
+            save_progress(progress_uri, {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                         "step": step + 1, "history": history, "config_hash": h})
+
+    if rank == 0:
+        train_images = p.steps * p.batch_size
+        save_checkpoint(storage.join(stage_dir, BASE_MODEL), ema.state_dict(), family.spec, train_images=train_images, ema_decay=p.ema_decay)
+        storage.write_json_atomic(storage.join(stage_dir, "history.json"), history)
+        storage.write_json_atomic(storage.join(stage_dir, "train_summary.json"), {
+            "final_loss": history[-1]["loss"] if history else None,
+            "train_images": train_images,
+            "parameters": count_parameters(net),
+            "images_per_second": round(((p.steps * p.batch_size) - seen0) / max(time.time() - t0, 1e-9), 1),
+        })
+        storage.remove(storage.join(stage_dir, "progress"))

@@ -1,0 +1,58 @@
+"""Pure-torch training helpers shared by pretrain and finetune (no Ray, no DeepSpeed)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def derive_seed(*keys: object) -> int:
+    """A 63-bit seed from any tuple of keys (run seed, stream name, index / rank / step)."""
+    digest = hashlib.blake2b(repr(keys).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def sample_seeds(seed: int, stream: str, indices) -> list[int]:
+    """Per-image seeds: image i of a stream is seeded by (seed, stream, i), whatever the worker layout."""
+    return [derive_seed(seed, stream, int(i)) for i in indices]
+
+
+def balanced_labels(indices: np.ndarray, num_classes: int) -> np.ndarray:
+    """Class-balanced conditioning: image i gets class i mod K (equal counts for any multiple of K)."""
+    return (np.asarray(indices, dtype=np.int64) % num_classes).astype(np.int64)
+
+
+def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
+    return images_uint8.float().div(127.5).sub(1.0)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def warmup_cosine(step: int, total: int, warmup: int, final_fraction: float = 0.0) -> float:
+    """LR multiplier: linear warm-up, then cosine decay to `final_fraction`."""
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def linear_warmup(step: int, warmup: int) -> float:
+    return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
+    for e, p in zip(ema.parameters(), net.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), net.buffers()):
+        e.copy_(b)
+
+
+def count_parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())

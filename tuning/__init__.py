@@ -1,0 +1,1 @@
+"""Ray Tune search spaces and experiments for Neon's w (and, later, the CFG scale)."""
