@@ -113,7 +113,9 @@ class UNet(nn.Module):
         nn.init.zeros_(self.head[-1].bias)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        emb = self.time_mlp(timestep_embedding(t, self.stem.out_channels)) + self.label_emb(y)
+        dtype = self.stem.weight.dtype  # bf16 under DeepSpeed's bf16 engine; inputs follow the weights
+        x = x.to(dtype)
+        emb = self.time_mlp(timestep_embedding(t, self.stem.out_channels).to(dtype)) + self.label_emb(y)
         h = self.stem(F.pixel_unshuffle(x, self.patch) if self.patch > 1 else x)
         skips = [h]
         for layer in self.down:

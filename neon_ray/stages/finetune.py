@@ -61,8 +61,7 @@ def finetune(cfg: RunConfig, force: bool = False) -> dict:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ds = ray.data.read_parquet(storage.to_local_path(samples), columns=["png", "label"],
-                               ray_remote_args={"num_cpus": cfg.generate.io_cpus})
+    ds = ray.data.read_parquet(storage.to_local_path(samples), num_cpus=cfg.generate.io_cpus).select_columns(["png", "label"])
     n = ds.count()
     if n == 0:
         raise NeonError(f"empty synthetic set: {samples} holds no images")

@@ -1,0 +1,64 @@
+"""Config: YAML in/out, --set overrides, errors that name the field path."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from neon_ray.config import RunConfig, build_config, load_config, to_yaml
+from neon_ray.errors import ConfigError
+
+from _support import TINY
+
+
+def test_tiny_config_loads_and_round_trips(tmp_path):
+    cfg = load_config(TINY, output=str(tmp_path))
+    again = RunConfig.model_validate(yaml.safe_load(to_yaml(cfg)))
+    assert again == cfg
+    assert cfg.output == str(tmp_path)
+    assert cfg.sampler["guidance"] == 2.0 and cfg.sampler["eta"] == 0.0  # family defaults filled in
+
+
+def test_overrides_parse_yaml_values(tmp_path):
+    cfg = load_config(TINY, ["finetune.lr=3e-5", "tune.w_grid=[0.1, 0.2]", "sampler.guidance=1.5", "mlflow.enabled=false"], str(tmp_path))
+    assert cfg.finetune.lr == 3e-5 and cfg.tune.w_grid == [0.1, 0.2]
+    assert cfg.sampler["guidance"] == 1.5 and cfg.mlflow.enabled is False
+
+
+def test_relative_output_becomes_absolute():
+    assert build_config({"output": "outputs/x"}).output.startswith("/")
+
+
+@pytest.mark.parametrize("override, field", [
+    ("finetune.lr=-1", "finetune.lr"),
+    ("finetune.zero_stage=4", "finetune.zero_stage"),
+    ("generate.num_samples=0", "generate.num_samples"),
+    ("sampler.steps=0", "sampler.steps"),
+    ("sampler.guidance=-1", "sampler.guidance"),
+    ("sampler.bogus=1", "sampler.bogus"),
+    ("model.family=nope", "model.family"),
+    ("model.preset=huge", "model.preset"),
+    ("pretrain.ema_decay=1.5", "pretrain.ema_decay"),
+    ("tune.w_grid=[0.5, -1]", "tune.w_grid[1]"),
+    ("tune.w_grid=[]", "tune"),
+    ("merge.w=.nan", "merge.w"),
+    ("merge.w=0", "merge.w"),
+    ("finetune.nonsense=1", "finetune.nonsense"),
+])
+def test_errors_name_the_field(tmp_path, override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(TINY, [override], str(tmp_path))
+    msg = str(err.value)
+    assert msg.startswith(field), msg
+    assert "\n" not in msg
+
+
+def test_bad_override_syntax_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        load_config(TINY, ["finetune.lr"], str(tmp_path))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("finetune: [1, 2\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(bad)

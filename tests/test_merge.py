@@ -1,0 +1,100 @@
+"""Merge math against θ_neon = θ_base − w·(θ_ft − θ_base), streamed over safetensors."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from neon_ray.errors import NeonError
+from neon_ray.merge import merge_files, neon_tensor
+from neon_ray.models.checkpoint import StreamingSafetensorsWriter
+
+
+def _pair(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    base = {
+        "w": torch.randn(7, 5, generator=g),
+        "b": torch.randn(5, generator=g, dtype=torch.float64),
+        "h": torch.randn(4, 3, generator=g).to(torch.bfloat16),
+        "mask": torch.tensor([0.0, -math.inf, 1.0, math.inf]),
+        "steps": torch.tensor([1234], dtype=torch.int64),
+        "flag": torch.tensor([True, False]),
+        "scalar": torch.tensor(2.5),
+    }
+    ft = {k: (v + 0.01 * torch.randn(v.shape, generator=g).to(v.dtype) if v.is_floating_point() else v + 1 if v.dtype == torch.int64 else ~v)
+          for k, v in base.items()}
+    ft["mask"] = torch.tensor([5.0, 7.0, 9.0, 11.0])
+    save_file(base, tmp_path / "base.safetensors", metadata={"family": "x"})
+    save_file(ft, tmp_path / "ft.safetensors")
+    return base, ft
+
+
+@pytest.mark.parametrize("w", [0.3, 1.0, 2.0])
+def test_merge_matches_formula(tmp_path, w):
+    base, ft = _pair(tmp_path)
+    info = merge_files(str(tmp_path / "base.safetensors"), str(tmp_path / "ft.safetensors"), str(tmp_path / "out.safetensors"), w)
+    out = load_file(tmp_path / "out.safetensors")
+    assert set(out) == set(base)
+    for key in ("w", "b", "h", "scalar"):
+        expected = (base[key].double() - w * (ft[key].double() - base[key].double())).to(base[key].dtype)
+        assert out[key].dtype == base[key].dtype
+        tol = 1e-2 if base[key].dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(out[key], expected, atol=tol, rtol=tol)
+    # inf-holding, integer and bool tensors are copied from the base unchanged
+    assert torch.equal(out["mask"], base["mask"])
+    assert torch.equal(out["steps"], base["steps"])
+    assert torch.equal(out["flag"], base["flag"])
+    assert info == {"merged_tensors": 4, "copied_tensors": 3}
+    with safe_open(str(tmp_path / "out.safetensors"), "pt") as fh:
+        meta = fh.metadata()
+    assert meta["family"] == "x" and float(meta["neon_w"]) == w
+
+
+def test_half_precision_is_computed_in_fp32():
+    base = torch.full((4,), 60000.0, dtype=torch.float16)
+    ft = torch.full((4,), 59000.0, dtype=torch.float16)
+    # (1+w)·θ_base would overflow fp16 (65504); θ_base − w·(θ_ft − θ_base) stays finite
+    out = neon_tensor(base, ft, 1.0)
+    assert torch.isfinite(out).all() and out[0].item() == pytest.approx(61000.0, rel=1e-3)
+
+
+def test_mismatched_checkpoints_list_the_problems(tmp_path):
+    save_file({"a": torch.zeros(2), "b": torch.zeros(3), "c": torch.zeros(2)}, tmp_path / "base.safetensors")
+    save_file({"a": torch.zeros(4), "b": torch.zeros(3, dtype=torch.float64), "d": torch.zeros(1)}, tmp_path / "ft.safetensors")
+    with pytest.raises(NeonError) as err:
+        merge_files(str(tmp_path / "base.safetensors"), str(tmp_path / "ft.safetensors"), str(tmp_path / "o.safetensors"), 1.0)
+    msg = str(err.value)
+    assert "missing in fine-tuned: ['c']" in msg and "missing in base: ['d']" in msg
+    assert "a: shape [2] vs [4]" in msg and "b: dtype F32 vs F64" in msg
+
+
+@pytest.mark.parametrize("w", [0.0, -0.5, float("nan"), float("inf")])
+def test_bad_w_is_refused(tmp_path, w):
+    _pair(tmp_path)
+    with pytest.raises(NeonError, match="merge.w"):
+        merge_files(str(tmp_path / "base.safetensors"), str(tmp_path / "ft.safetensors"), str(tmp_path / "o.safetensors"), w)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_negative_w_allowed_only_explicitly(tmp_path):
+    base, ft = _pair(tmp_path)
+    merge_files(str(tmp_path / "base.safetensors"), str(tmp_path / "ft.safetensors"), str(tmp_path / "o.safetensors"), -1.0, allow_negative=True)
+    out = load_file(tmp_path / "o.safetensors")
+    torch.testing.assert_close(out["w"], base["w"] + (ft["w"] - base["w"]))  # w = −1 gives θ_ft back
+
+
+def test_streaming_writer_round_trips_every_dtype(tmp_path):
+    tensors = {"f32": torch.randn(3, 2), "bf16": torch.randn(5).to(torch.bfloat16), "i64": torch.arange(4),
+               "u8": torch.arange(6, dtype=torch.uint8).reshape(2, 3), "b": torch.tensor([True, False, True]), "s": torch.tensor(1.5),
+               "empty": torch.zeros(0, 3)}
+    w = StreamingSafetensorsWriter(str(tmp_path / "x.safetensors"), [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()], {"k": "v"})
+    for k, v in tensors.items():
+        w.write(k, v)
+    w.close()
+    back = load_file(tmp_path / "x.safetensors")
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
