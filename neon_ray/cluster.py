@@ -22,7 +22,8 @@ def ensure_ray(cfg: RayConfig) -> None:
         log.info("connecting to Ray at %s", address)
         ray.init(address=address, log_to_driver=True, runtime_env=env)
     else:
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, include_dashboard=False, log_to_driver=True, runtime_env=env)
+        # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
+        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, log_to_driver=True, runtime_env=env)
         log.info("started a local Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 class Section(BaseModel):
@@ -154,10 +157,18 @@ class RunConfig(Section):
         if not v:
             raise ValueError("must be a non-empty path or URI")
         if "://" not in v:  # Ray workers run in other directories: make local paths absolute
-            import os
-
             v = os.path.abspath(os.path.expanduser(v))
         return v.rstrip("/") or "/"
+
+    @model_validator(mode="after")
+    def _resolve_checkpoint(self) -> "RunConfig":
+        # A relative checkpoint path is taken from the working directory, else from the repository
+        # (so `jobs/checkpoints/...` works from anywhere and inside `ray job submit`).
+        ckpt = self.model.checkpoint
+        if ckpt and "://" not in ckpt and not os.path.isabs(ckpt):
+            here, repo = os.path.abspath(ckpt), os.path.join(REPO_ROOT, ckpt)
+            self.model.checkpoint = here if os.path.exists(here) or not os.path.exists(repo) else repo
+        return self
 
     @model_validator(mode="after")
     def _check_sampler(self) -> "RunConfig":

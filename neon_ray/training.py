@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 
 import numpy as np
 import torch
@@ -56,3 +57,10 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float) -> None:
 
 def count_parameters(net: nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
+
+
+def progress(message: str) -> None:
+    """A progress line from a training worker. Ray Train V2 reroutes `print` through a logger that
+    echoes it twice; writing to stdout directly gives one line on the driver."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()

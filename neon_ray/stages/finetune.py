@@ -21,7 +21,7 @@ from ..config import RunConfig, fingerprint
 from ..errors import NeonError
 from ..manifest import start, up_to_date
 from ..models.checkpoint import save_checkpoint
-from ..training import derive_seed, linear_warmup, to_model_range
+from ..training import progress, derive_seed, linear_warmup, to_model_range
 from .common import base_checkpoint_uri, base_identity, require_stage, set_torch_threads, train_images_of
 
 log = logging.getLogger("neon_ray")
@@ -174,7 +174,7 @@ def _finetune_loop(loop_cfg: dict) -> None:
             if step == 1 or step % 10 == 0 or step == p["steps"]:
                 history.append({"step": step, "loss": sum(losses[-10:]) / len(losses[-10:]), "lr": sched.get_last_lr()[0]})
                 if rank == 0:
-                    print(f"[finetune] step {step}/{p['steps']} loss {history[-1]['loss']:.4f}", flush=True)
+                    progress(f"[finetune] step {step}/{p['steps']} loss {history[-1]['loss']:.4f}")
         epoch += 1
     seconds = time.time() - t0
 

@@ -19,7 +19,7 @@ from ..cluster import ensure_ray, resolve_use_gpu
 from ..config import RunConfig, fingerprint
 from ..manifest import start, up_to_date
 from ..models.checkpoint import save_checkpoint
-from ..training import count_parameters, derive_seed, ema_update, to_model_range, warmup_cosine
+from ..training import progress, count_parameters, derive_seed, ema_update, to_model_range, warmup_cosine
 from .common import BASE_MODEL, dataset_of, family_of, load_progress, save_progress, set_torch_threads
 
 log = logging.getLogger("neon_ray")
@@ -86,14 +86,14 @@ def _train_loop(loop_cfg: dict) -> None:
         opt.load_state_dict(state["opt"])
         step0, history = int(state["step"]), list(state.get("history", []))
         if rank == 0:
-            print(f"[pretrain] resuming at step {step0}/{p.steps}", flush=True)
+            progress(f"[pretrain] resuming at step {step0}/{p.steps}")
     net.to(device)
     ema.to(device)
     model = ray.train.torch.prepare_model(net) if world > 1 else net
     model.train()
     if rank == 0:
-        print(f"[pretrain] {family.spec.family}/{family.spec.preset}: {count_parameters(net) / 1e6:.2f}M parameters, "
-              f"{p.steps} steps × {p.batch_size} images on {world} worker(s)", flush=True)
+        progress(f"[pretrain] {family.spec.family}/{family.spec.preset}: {count_parameters(net) / 1e6:.2f}M parameters, "
+              f"{p.steps} steps × {p.batch_size} images on {world} worker(s)")
 
     t0, seen0, running = time.time(), step0 * p.batch_size, []
     for step in range(step0, p.steps):
@@ -120,7 +120,7 @@ def _train_loop(loop_cfg: dict) -> None:
             history.append({"step": step + 1, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]})
             if rank == 0:
                 eta = (p.steps - step - 1) * p.batch_size / max(rate, 1e-9)
-                print(f"[pretrain] step {step + 1}/{p.steps} loss {mean_loss:.4f} {rate:.0f} img/s eta {eta / 60:.1f} min", flush=True)
+                progress(f"[pretrain] step {step + 1}/{p.steps} loss {mean_loss:.4f} {rate:.0f} img/s eta {eta / 60:.1f} min")
         if rank == 0 and ((step + 1) % p.checkpoint_every == 0) and step + 1 < p.steps:
             save_progress(progress_uri, {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
                                          "step": step + 1, "history": history, "config_hash": h})
