@@ -41,6 +41,7 @@ class DataConfig(Section):
     name: str = Field("fashion_mnist", description="A registered dataset: fashion_mnist, digits, or module:attr.")
     path: str | None = Field(None, description="Local folder with the dataset files (null: the dataset's default places).")
     download: bool = Field(True, description="Download from the canonical URL when no local copy exists.")
+    options: dict[str, Any] = Field(default_factory=dict, description="Dataset-specific options (e.g. gaussian2d: n_train, n_test, cov, seed).")
 
 
 class ModelConfig(Section):

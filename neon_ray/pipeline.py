@@ -84,13 +84,15 @@ def _summary(cfg: RunConfig, m: dict[str, dict], seconds: dict[str, float], trac
 
 def _images(cfg: RunConfig, m: dict[str, dict], summary: dict) -> dict[str, str]:
     from .report import save_comparison_grid, save_fid_plot
+    from .stages.common import dataset_of
 
     out = {}
     tmp = tempfile.mkdtemp(prefix="neon-report-")
     title = f"{summary['model']}, {cfg.sampler}"
     grid = save_comparison_grid(m["evaluate"]["outputs"]["samples"], m["tune"]["outputs"]["best_samples"],
                                 os.path.join(tmp, "samples_base_vs_neon.png"),
-                                f"base FID {summary['fid_base']:.3f}  vs  Neon w={summary['best_w']:.3g} FID {summary['fid_neon']:.3f}")
+                                f"base FID {summary['fid_base']:.3f}  vs  Neon w={summary['best_w']:.3g} FID {summary['fid_neon']:.3f}",
+                                kind=dataset_of(cfg).kind)
     plot = save_fid_plot(summary["trials"], summary["fid_base"], os.path.join(tmp, "fid_vs_w.png"), title)
     for name, path in (("samples_base_vs_neon.png", grid), ("fid_vs_w.png", plot)):
         storage.upload_file_atomic(path, storage.join(cfg.output, name))

@@ -21,18 +21,34 @@ def sample_grid(samples_uri: str, rows: int, cols: int) -> np.ndarray:
     return grid
 
 
-def save_comparison_grid(base_uri: str, neon_uri: str, path: str, title: str, rows: int = 8, cols: int = 10) -> str:
+def sample_points(samples_uri: str, limit: int) -> np.ndarray:
+    """The first `limit` vector samples (N, D) float32 of a set (for scatter plots of low-dimensional data)."""
+    from .data.codec import VectorCodec
+
+    codec = VectorCodec()
+    table = read_samples(samples_uri, columns=["index", codec.column])
+    return codec.decode_batch(table.column(codec.column).to_pylist()[:limit])
+
+
+def save_comparison_grid(base_uri: str, neon_uri: str, path: str, title: str, rows: int = 8, cols: int = 10,
+                         kind: str = "image") -> str:
+    """Base vs Neon side by side: an image grid, or a scatter of the first two coordinates for vector data."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 5.4), dpi=110)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.4), dpi=110, sharex=kind == "vector", sharey=kind == "vector")
     for ax, uri, name in ((axes[0], base_uri, "base"), (axes[1], neon_uri, "Neon")):
-        g = sample_grid(uri, rows, cols)
-        ax.imshow(g[0] if g.shape[0] == 1 else np.transpose(g, (1, 2, 0)), cmap="gray", vmin=0, vmax=255)
+        if kind == "vector":
+            pts = sample_points(uri, 5000)
+            ax.scatter(pts[:, 0], pts[:, 1] if pts.shape[1] > 1 else np.zeros(len(pts)), s=2, alpha=0.4)
+            ax.set_aspect("equal")
+        else:
+            g = sample_grid(uri, rows, cols)
+            ax.imshow(g[0] if g.shape[0] == 1 else np.transpose(g, (1, 2, 0)), cmap="gray", vmin=0, vmax=255)
+            ax.axis("off")
         ax.set_title(name)
-        ax.axis("off")
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)

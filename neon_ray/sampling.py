@@ -1,5 +1,7 @@
 """Sampling N images from a checkpoint with Ray Data actors → Parquet (index, label, seed, png).
 
+(Non-image datasets store their samples in their codec's column instead of `png`, e.g. `vec`.)
+
 Work items are fixed index ranges [start, start + batch_size): the noise of image i comes only from
 (seed, stream, i) and its label is i mod K, so the output is identical for any number of actors.
 """
@@ -16,8 +18,7 @@ import torch
 from . import storage
 from .config import RunConfig
 from .errors import NeonError
-from .imageio import encode_png
-from .training import balanced_labels, sample_seeds, to_uint8
+from .training import balanced_labels, sample_seeds
 
 log = logging.getLogger("neon_ray")
 
@@ -26,9 +27,10 @@ class SamplerActor:
     """Loads the model once; each call samples the work items of one Ray Data batch."""
 
     def __init__(self, cfg_json: dict, checkpoint: str, settings: dict, seed: int, stream: str, threads: int, use_gpu: bool, bf16: bool):
-        from .stages.common import load_model, set_torch_threads
+        from .stages.common import dataset_of, load_model, set_torch_threads
 
         cfg = RunConfig.model_validate(cfg_json)
+        self.codec = dataset_of(cfg).codec
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             set_torch_threads(threads)
@@ -37,20 +39,20 @@ class SamplerActor:
         self.seed, self.stream, self.bf16 = seed, stream, bf16
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"index": [], "label": [], "seed": [], "png": []}
+        out: dict[str, list] = {"index": [], "label": [], "seed": [], "samples": []}
         for start, count in zip(batch["start"], batch["count"]):
             idx = np.arange(int(start), int(start) + int(count))
             labels = balanced_labels(idx, self.family.spec.num_classes)
             seeds = sample_seeds(self.seed, self.stream, idx)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 images = self.family.sample(self.net, torch.from_numpy(labels).to(self.device), seeds, self.settings)
-            u8 = to_uint8(images).cpu().numpy()
+            stored = self.codec.from_model(images).cpu().numpy()
             out["index"].extend(idx.tolist())
             out["label"].extend(labels.tolist())
             out["seed"].extend(seeds)
-            out["png"].extend(encode_png(im) for im in u8)
+            out["samples"].extend(self.codec.encode(s) for s in stored)
         return {"index": np.array(out["index"], np.int64), "label": np.array(out["label"], np.int64),
-                "seed": np.array(out["seed"], np.int64), "png": np.array(out["png"], dtype=object)}
+                "seed": np.array(out["seed"], np.int64), self.codec.column: np.array(out["samples"], dtype=object)}
 
 
 def work_items(n: int, batch_size: int) -> list[dict[str, int]]:

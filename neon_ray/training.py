@@ -27,14 +27,6 @@ def balanced_labels(indices: np.ndarray, num_classes: int) -> np.ndarray:
     return (np.asarray(indices, dtype=np.int64) % num_classes).astype(np.int64)
 
 
-def to_model_range(images_uint8: torch.Tensor) -> torch.Tensor:
-    return images_uint8.float().div(127.5).sub(1.0)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return images.float().add(1.0).mul(127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 def warmup_cosine(step: int, total: int, warmup: int, final_fraction: float = 0.0) -> float:
     """LR multiplier: linear warm-up, then cosine decay to `final_fraction`."""
     if warmup and step < warmup:

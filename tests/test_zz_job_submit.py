@@ -46,8 +46,13 @@ def test_ray_job_submit_end_to_end(tmp_path):
     env.pop("MLFLOW_TRACKING_URI", None)
     temp_dir = tempfile.mkdtemp(prefix="nrj-", dir="/tmp")
     port, dash = _free_port(), _free_port()
+    # Every port of this head is a free one: another Ray on the machine (the session's `ray_local`, a
+    # developer's) holds the defaults, e.g. the dashboard agent's 52365, and the job agent would never start.
+    ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "runtime-env-agent-port", "metrics-export-port",
+                                                     "ray-client-server-port", "node-manager-port", "object-manager-port")]
     start = subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                            "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+                            "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", *ports],
                            capture_output=True, text=True, env=env, timeout=180)
     assert start.returncode == 0, start.stdout + start.stderr
     try:

@@ -1,5 +1,6 @@
-"""Datasets behind one small interface: `load(split) -> (uint8 images (N, C, H, W), int64 labels (N,))`."""
+"""Datasets behind one small interface: `load(split) -> (samples (N, *sample_shape), int64 labels (N,))`."""
 
-from .base import ImageDataset, get_dataset, register_dataset
+from .base import Dataset, ImageDataset, get_dataset, register_dataset
+from .codec import CODECS, SampleCodec
 
-__all__ = ["ImageDataset", "get_dataset", "register_dataset"]
+__all__ = ["CODECS", "Dataset", "ImageDataset", "SampleCodec", "get_dataset", "register_dataset"]

@@ -1,44 +1,69 @@
-"""Dataset interface and registry (built-ins, `module:attr` plugins)."""
+"""Dataset interface and registry (built-ins, `module:attr` plugins).
+
+A dataset says what one sample is (`sample_shape`, `codec`: images as PNG, or float vectors) and
+loads a split; every stage reads and writes samples through the codec, so any kind of data that a
+model family accepts flows through the same Ray stages.
+"""
 
 from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from ..errors import ConfigError
+from .codec import CODECS, SampleCodec
 
 Split = Literal["train", "test"]
 
 
-class ImageDataset(ABC):
-    """A labelled image dataset. Images are uint8 (N, C, H, W); labels int64 in [0, num_classes)."""
+class Dataset(ABC):
+    """A labelled dataset: `load(split)` → (samples (N, *sample_shape), labels int64 (N,) in [0, num_classes))."""
 
     name: ClassVar[str]
-    image_shape: ClassVar[tuple[int, int, int]]
+    sample_shape: ClassVar[tuple[int, ...]]
     num_classes: ClassVar[int]
+    kind: ClassVar[str] = "image"  # a key of neon_ray.data.codec.CODECS
 
-    def __init__(self, path: str | None = None, download: bool = True):
+    def __init__(self, path: str | None = None, download: bool = True, options: dict[str, Any] | None = None):
         self.path = path
         self.download = download
+        self.options = dict(options or {})
+
+    @property
+    def codec(self) -> SampleCodec:
+        return CODECS[self.kind]
 
     @abstractmethod
     def load(self, split: Split) -> tuple[np.ndarray, np.ndarray]:
-        """(images uint8 (N, C, H, W), labels int64 (N,)) of one split."""
+        """(samples (N, *sample_shape): uint8 images or float32 vectors, labels int64 (N,)) of one split."""
 
 
-_DATASETS: dict[str, type[ImageDataset]] = {}
+class ImageDataset(Dataset):
+    """A labelled image dataset. Images are uint8 (N, C, H, W); subclasses set `image_shape` (C, H, W)."""
+
+    image_shape: ClassVar[tuple[int, int, int]]
+    kind = "image"
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "image_shape" in cls.__dict__:
+            cls.sample_shape = tuple(cls.image_shape)
 
 
-def register_dataset(cls: type[ImageDataset]) -> type[ImageDataset]:
+_DATASETS: dict[str, type[Dataset]] = {}
+
+
+def register_dataset(cls: type[Dataset]) -> type[Dataset]:
     _DATASETS[cls.name] = cls
     return cls
 
 
-def get_dataset(name: str, path: str | None = None, download: bool = True, field: str = "data.name") -> ImageDataset:
-    from . import digits, fashion_mnist  # noqa: F401  (register built-ins)
+def get_dataset(name: str, path: str | None = None, download: bool = True, field: str = "data.name",
+                options: dict[str, Any] | None = None) -> Dataset:
+    from . import digits, fashion_mnist, toy  # noqa: F401  (register built-ins)
 
     if ":" in name:
         module_name, _, attr = name.partition(":")
@@ -50,4 +75,6 @@ def get_dataset(name: str, path: str | None = None, download: bool = True, field
         cls = _DATASETS[name]
     else:
         raise ConfigError(f"{field}: unknown dataset {name!r}; known: {sorted(_DATASETS)} or a module:attr plugin")
-    return cls(path=path, download=download)
+    if not (isinstance(cls, type) and issubclass(cls, Dataset)):
+        raise ConfigError(f"{field}: dataset plugin {name!r} is not a neon_ray.data.Dataset subclass")
+    return cls(path=path, download=download, options=options)

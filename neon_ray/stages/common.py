@@ -22,12 +22,12 @@ BASE_MODEL = "model.safetensors"
 
 
 def dataset_of(cfg: RunConfig):
-    return get_dataset(cfg.data.name, cfg.data.path, cfg.data.download)
+    return get_dataset(cfg.data.name, cfg.data.path, cfg.data.download, options=cfg.data.options)
 
 
 def spec_of(cfg: RunConfig) -> ModelSpec:
-    ds_cls = type(get_dataset(cfg.data.name, cfg.data.path, cfg.data.download))
-    return ModelSpec(cfg.model.family, cfg.model.preset, tuple(ds_cls.image_shape), ds_cls.num_classes, dict(cfg.model.options))
+    ds = dataset_of(cfg)
+    return ModelSpec(cfg.model.family, cfg.model.preset, tuple(ds.sample_shape), ds.num_classes, dict(cfg.model.options))
 
 
 def family_of(cfg: RunConfig) -> ModelFamily:
@@ -60,7 +60,7 @@ def load_model(cfg: RunConfig, uri: str, device: str | torch.device = "cpu"):
     if meta.get("family"):
         spec = spec_from_metadata(meta, uri)
         if spec.image_shape != family.spec.image_shape:
-            raise NeonError(f"model.checkpoint: {uri} is for images {spec.image_shape}, the dataset has {family.spec.image_shape}")
+            raise NeonError(f"model.checkpoint: {uri} is for samples of shape {spec.image_shape}, the dataset ({cfg.data.name}) has {family.spec.image_shape}")
         if spec.num_classes != family.spec.num_classes:
             raise NeonError(f"model.checkpoint: {uri} has {spec.num_classes} classes, the dataset has {family.spec.num_classes}")
     net = family.build()

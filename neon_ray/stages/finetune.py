@@ -21,8 +21,8 @@ from ..config import RunConfig, fingerprint
 from ..errors import NeonError
 from ..manifest import start, up_to_date
 from ..models.checkpoint import save_checkpoint
-from ..training import progress, derive_seed, linear_warmup, to_model_range
-from .common import base_checkpoint_uri, base_identity, require_stage, set_torch_threads, train_images_of
+from ..training import progress, derive_seed, linear_warmup
+from .common import base_checkpoint_uri, base_identity, dataset_of, require_stage, set_torch_threads, train_images_of
 
 log = logging.getLogger("neon_ray")
 STAGE = "finetune"
@@ -61,7 +61,8 @@ def finetune(cfg: RunConfig, force: bool = False) -> dict:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    ds = ray.data.read_parquet(storage.to_local_path(samples), num_cpus=cfg.generate.io_cpus).select_columns(["png", "label"])
+    column = dataset_of(cfg).codec.column
+    ds = ray.data.read_parquet(storage.to_local_path(samples), num_cpus=cfg.generate.io_cpus).select_columns([column, "label"])
     n = ds.count()
     if n == 0:
         raise NeonError(f"empty synthetic set: {samples} holds no images")
@@ -136,7 +137,6 @@ def _finetune_loop(loop_cfg: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    from ..imageio import decode_batch
     from .common import load_model
 
     cfg = RunConfig.model_validate(loop_cfg["cfg"])
@@ -148,6 +148,7 @@ def _finetune_loop(loop_cfg: dict) -> None:
     device = ray.train.torch.get_device()
 
     family, net = load_model(cfg, loop_cfg["base"])
+    codec = dataset_of(cfg).codec
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=f.lr, weight_decay=f.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, p["warmup_steps"]))
@@ -163,7 +164,7 @@ def _finetune_loop(loop_cfg: dict) -> None:
         for batch in batches:
             if step >= p["steps"]:
                 break
-            x = to_model_range(torch.from_numpy(decode_batch(batch["png"]))).to(device, dtype)
+            x = codec.to_model(torch.from_numpy(codec.decode_batch(batch[codec.column]))).to(device, dtype)
             y = torch.from_numpy(batch["label"].astype("int64")).to(device)
             gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "finetune-noise", rank, step))
             loss = family.training_loss(engine, x, y, gen)

@@ -19,7 +19,7 @@ from ..cluster import ensure_ray, resolve_use_gpu
 from ..config import RunConfig, fingerprint
 from ..manifest import start, up_to_date
 from ..models.checkpoint import save_checkpoint
-from ..training import progress, count_parameters, derive_seed, ema_update, to_model_range, warmup_cosine
+from ..training import progress, count_parameters, derive_seed, ema_update, warmup_cosine
 from .common import BASE_MODEL, dataset_of, family_of, load_progress, save_progress, set_torch_threads
 
 log = logging.getLogger("neon_ray")
@@ -71,7 +71,8 @@ def _train_loop(loop_cfg: dict) -> None:
     set_torch_threads(p.cpus_per_worker)
     device = ray.train.torch.get_device()
 
-    images, labels = dataset_of(cfg).load("train")
+    dataset = dataset_of(cfg)
+    images, labels = dataset.load("train")
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
     family = family_of(cfg)
     net = family.build()
@@ -101,7 +102,7 @@ def _train_loop(loop_cfg: dict) -> None:
             group["lr"] = p.lr * warmup_cosine(step, p.steps, p.warmup_steps, final_fraction=0.05)
         g = torch.Generator().manual_seed(derive_seed(cfg.seed, "pretrain-batch", step))
         idx = torch.randint(0, len(labels_t), (p.batch_size,), generator=g)[rank::world]
-        x = to_model_range(images_t[idx]).to(device)
+        x = dataset.codec.to_model(images_t[idx]).to(device)
         y = labels_t[idx].to(device)
         noise_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "pretrain-noise", rank, step))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.bf16):
