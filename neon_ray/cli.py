@@ -47,7 +47,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output safetensors URI (default: <output>/merge/model.safetensors)")
     p = sub.add_parser("show-config", help="print the resolved config as YAML")
     _add_common(p)
+    p = sub.add_parser("ref-stats", help="compute (once) or --import the reference statistics of the config's evaluate section")
+    _add_scoring(p)
+    p.add_argument("--import", dest="import_path", metavar="FILE.npz", help="import published ADM/EDM statistics (mu, sigma)")
+    p.add_argument("--feature-space", default="inception", help="feature space of the imported file (default: inception = inception-2015-12-05/pool3)")
+    p.add_argument("--force", action="store_true", help="recompute even if the cached statistics are current")
+    p = sub.add_parser("fid", help="FID, precision/recall and the real-vs-real floor of a sample set against the reference statistics")
+    _add_scoring(p)
+    p.add_argument("--samples", required=True, metavar="URI", help="a Parquet sample set (from generate) or an image folder")
     return parser
+
+
+def _add_scoring(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config (defaults apply to missing fields)")
+    p.add_argument("--output", help="output root URI (overrides `output`; the reference cache defaults to <output>/reference)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--num-shards", type=int, metavar="K", help="split the feature pass into K Ray Data shards (same result for any K)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _configure_logging(verbose: bool) -> None:
@@ -90,6 +106,8 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     ensure_writable(cfg.output, field="output")
     t0 = time.time()
+    if args.command in ("ref-stats", "fid"):
+        return _score_command(cfg, args)
     if args.command == "run":
         from .pipeline import run
 
@@ -126,6 +144,24 @@ def _dispatch(args: argparse.Namespace) -> int:
         raise NeonError(f"unknown command {args.command}")
     print(json.dumps({"stage": manifest["stage"], "metrics": manifest["metrics"], "outputs": manifest["outputs"],
                       "wall_seconds": round(time.time() - t0, 1)}, indent=2, default=str))
+    return 0
+
+
+def _score_command(cfg, args: argparse.Namespace) -> int:
+    if args.num_shards is not None and args.num_shards < 1:
+        raise NeonError(f"--num-shards: must be ≥ 1, got {args.num_shards}")
+    if args.command == "ref-stats":
+        from .stages.refstats import ref_stats
+
+        result = ref_stats(cfg, import_path=args.import_path, feature_space=args.feature_space, num_shards=args.num_shards,
+                           force=args.force)
+        line = f"reference statistics ({result['state']}): n={result['n']}, {result['feature_space']} → {result['reference']}"
+    else:
+        from .stages.evaluate import describe_scores, score_uri
+
+        result = score_uri(cfg, args.samples, num_shards=args.num_shards)
+        line = describe_scores(result)
+    print(json.dumps(result, default=str) if args.json else line)
     return 0
 
 

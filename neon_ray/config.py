@@ -107,11 +107,18 @@ class MergeConfig(Section):
 class EvaluateConfig(Section):
     num_samples: int = Field(5000, ge=2, description="Samples per FID evaluation.")
     seed: int = Field(1_000_003, description="Seed stream of evaluation samples (the same for every w).")
-    extractor: str = Field("fmnist-classifier", description="A feature extractor registered with torch-fidelity.")
-    extractor_weights: str | None = Field(None, description="Weights file of the extractor (null: the packaged default).")
+    extractor: str = Field("fmnist-classifier", description="fmnist-classifier, inception-fid-helper (standard FID Inception, offline) or inception-v3-compat (torch-fidelity's, needs extractor_weights).")
+    extractor_weights: str | None = Field(None, description="Local weights file of the extractor (null: the packaged default; never downloaded).")
     reference_split: Literal["train", "test"] = "test"
     reference_cache: str | None = Field(None, description="Folder for cached reference statistics (null: <output>/reference).")
-    feature_batch_size: int = Field(500, ge=1)
+    reference: str | None = Field(None, description="Reference statistics file (.npz from `neon-ray ref-stats`, which also imports ADM/EDM files); null: a file in reference_cache.")
+    reference_source: str | None = Field(None, description="Image folder or Parquet set to compute the reference from (null: data.name's reference_split).")
+    feature_batch_size: int = Field(500, ge=1, description="Images per extractor call inside a feature actor.")
+    prc: bool = Field(True, description="Also report precision and recall (k-NN manifolds, Kynkäänniemi et al. 2019).")
+    prc_k: int = Field(5, ge=1, description="k of the k-NN manifold radii.")
+    prc_num_samples: int = Field(5000, ge=2, description="At most this many (seeded) generated samples enter precision/recall.")
+    prc_num_reference: int = Field(10000, ge=2, description="At most this many (seeded) reference features are cached for precision/recall.")
+    floor: bool = Field(True, description="Also report fid_floor: FID of as many real images (the other split) against the reference.")
 
 
 class TuneConfig(Section):

@@ -1,4 +1,4 @@
-"""FID: exact moment merging, the torch-fidelity extractor on real Fashion-MNIST, the shipped classifier."""
+"""FID: exact moment merging, sharded statistics equal to torch-fidelity's single-process FID, the shipped classifier."""
 
 from __future__ import annotations
 
@@ -6,14 +6,12 @@ import hashlib
 import json
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
 from neon_ray.data import get_dataset
 from neon_ray.fid.extractors import DEFAULT_WEIGHTS, FMNIST_CLASSIFIER, fingerprint
 from neon_ray.fid.stats import Moments, Statistics, frechet_distance, merge_all
-from neon_ray.imageio import encode_png
 from neon_ray.errors import NeonError
 
 from _support import tiny_config
@@ -30,14 +28,14 @@ def test_moments_merge_exactly_with_large_offset(shards):
     np.testing.assert_allclose(merged.sigma, ref_sigma, rtol=1e-9, atol=1e-12)
 
 
-def test_statistics_refuse_other_extractors_and_corrupt_files():
-    a = Statistics(np.zeros(3), np.eye(3), 10, "x@1")
-    b = Statistics(np.zeros(3), np.eye(3), 10, "y@2")
-    with pytest.raises(NeonError, match="different feature extractors"):
+def test_statistics_refuse_other_feature_spaces_and_corrupt_files():
+    a = Statistics(np.zeros(3), np.eye(3), 10, "x@1/f")
+    b = Statistics(np.zeros(3), np.eye(3), 10, "y@2/f")
+    with pytest.raises(NeonError, match="different feature spaces cannot be compared: x@1/f vs y@2/f"):
         frechet_distance(a, b)
     blob = a.to_bytes()
-    assert Statistics.from_bytes(blob, "a.npz").extractor == "x@1"
-    with pytest.raises(NeonError, match="corrupt statistics file t.npz"):
+    assert Statistics.from_bytes(blob, "a.npz").feature_space == "x@1/f"
+    with pytest.raises(NeonError, match="corrupt or truncated statistics file t.npz"):
         Statistics.from_bytes(blob[: len(blob) // 2], "t.npz")
 
 
@@ -56,32 +54,19 @@ def test_shipped_classifier_matches_its_record_and_accuracy():
     assert acc >= 0.90 and abs(acc - record["test_accuracy"]) < 1e-3
 
 
-def _stats_via_ray(cfg, images, labels):
-    from neon_ray.fid.distributed import feature_statistics
-    from neon_ray.stages.evaluate import blocks_of
-
-    table = pa.table({"png": [encode_png(im) for im in images], "label": labels})
-    return feature_statistics(blocks_of(table, 100), cfg.evaluate.extractor, None, fingerprint(FMNIST_CLASSIFIER, None),
-                              cfg.generate, 100)
+A_SHIFT = 40  # brighter images: a shifted distribution
 
 
-def test_distributed_fid_self_zero_shift_positive_and_matches_torch_fidelity(ray_local, tmp_path):
+@pytest.fixture(scope="module")
+def two_sets():
+    """300 real test images and 300 others brightened, with torch-fidelity's own single-process FID between them."""
     import torch_fidelity
 
     from neon_ray.fid.extractors import register_extractors
 
-    cfg = tiny_config(tmp_path)
     x, y = get_dataset("fashion_mnist").load("test")
-    a, ya = x[:500], y[:500]
-    b = np.clip(x[500:1000].astype(np.int16) + 40, 0, 255).astype(np.uint8)  # brighter: a shifted distribution
-    sa, consistency = _stats_via_ray(cfg, a, ya)
-    sb, _ = _stats_via_ray(cfg, b, y[500:1000])
-    assert sa.n == 500 and consistency > 0.85  # the classifier agrees with real labels
-    assert abs(frechet_distance(sa, sa)) < 1e-6
-    fid_ab = frechet_distance(sa, sb)
-    assert fid_ab > 1.0
-
-    # The same number from torch-fidelity's own single-process pipeline with the same extractor.
+    a, ya = x[:300], y[:300]
+    b, yb = np.clip(x[300:600].astype(np.int16) + A_SHIFT, 0, 255).astype(np.uint8), y[300:600]
     register_extractors()
 
     class Set(torch.utils.data.Dataset):
@@ -97,4 +82,29 @@ def test_distributed_fid_self_zero_shift_positive_and_matches_torch_fidelity(ray
     ref = torch_fidelity.calculate_metrics(input1=Set(a), input2=Set(b), fid=True, feature_extractor=FMNIST_CLASSIFIER,
                                            feature_layer_fid="feat128", cuda=False, batch_size=100, verbose=False,
                                            save_cpu_ram=True, cache=False)
-    assert fid_ab == pytest.approx(ref["frechet_inception_distance"], rel=1e-6)
+    return (a, ya), (b, yb), ref["frechet_inception_distance"]
+
+
+@pytest.mark.parametrize("shards", [1, 2, 7])
+def test_sharded_fid_equals_torch_fidelity_single_process(ray_local, tmp_path, two_sets, shards):
+    from neon_ray.fid.distributed import extract
+    from neon_ray.fid.extractors import feature_space
+    from neon_ray.fid.prc import keep_mask
+    from neon_ray.fid.sources import encoded_set
+
+    cfg = tiny_config(tmp_path)
+    codec = get_dataset("fashion_mnist").codec
+    space, fp = feature_space(FMNIST_CLASSIFIER, None), fingerprint(FMNIST_CLASSIFIER, None)
+    (a, ya), (b, yb), fid_torch_fidelity = two_sets
+    keep = keep_mask(len(a), 50, seed=3)
+    pa_ = extract(encoded_set(a, ya, codec, "a"), FMNIST_CLASSIFIER, None, space, fp, cfg.generate, 64, num_shards=shards, keep=keep)
+    pb = extract(encoded_set(b, yb, codec, "b"), FMNIST_CLASSIFIER, None, space, fp, cfg.generate, 64, num_shards=shards)
+    assert pa_.stats.n == 300 and pa_.consistency > 0.85  # the classifier agrees with real labels
+    assert frechet_distance(pa_.stats, pb.stats) == pytest.approx(fid_torch_fidelity, rel=1e-6)
+    assert fid_torch_fidelity > 1.0 and abs(frechet_distance(pa_.stats, pa_.stats)) < 1e-6
+    # The kept features (for precision/recall) are the chosen rows, in row order, whatever the sharding.
+    from neon_ray.fid.extractors import create_extractor
+
+    with torch.no_grad():
+        direct = create_extractor(FMNIST_CLASSIFIER, None, ["feat128"])(torch.from_numpy(a[keep]))[0].numpy()
+    np.testing.assert_allclose(pa_.features, direct, rtol=1e-5, atol=1e-5)

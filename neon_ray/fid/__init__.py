@@ -1,1 +1,1 @@
-"""FID on any registered torch-fidelity extractor: exact mergeable moments, reference statistics."""
+"""FID on any registered torch-fidelity extractor: exact mergeable moments, reference statistics, precision/recall."""

@@ -1,74 +1,133 @@
-"""Feature statistics over Ray Data: PNG batches → extractor actors → per-batch float64 moments → exact merge.
+"""The sharded feature pass: encoded samples → Ray Data actor pool (one extractor per actor) → exact moments.
 
-Images travel as PNG bytes; only (n, μ, M) per batch come back to the driver.
+The set is cut into K contiguous shards (Ray Data blocks). An actor runs its shard through the
+extractor in chunks and returns only float64 (n, μ, M) and the features of the rows chosen for
+precision/recall; the driver merges the moments exactly, so the statistics are the same for any K up
+to float64 rounding. Samples travel encoded (PNG bytes for images), never as float tensors.
 """
 
 from __future__ import annotations
 
+import io
 import logging
+import math
 import time
+from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 import torch
 
-from ..errors import NeonError
-from ..imageio import decode_batch
-from .stats import Moments, Statistics, merge_all
+from .sources import SampleSet
+from .stats import Moments, Statistics
 
 log = logging.getLogger("neon_ray")
+SHARDS_PER_ACTOR = 4
+
+
+@dataclass
+class FeaturePass:
+    stats: Statistics
+    features: np.ndarray | None  # (n_kept, D) float32 of the kept rows, in row order
+    consistency: float | None  # fraction of samples the extractor classifies as their label
+    seconds: float
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def _from_npy(blob: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(blob), allow_pickle=False)
 
 
 class FeatureActor:
-    """Extractor loaded once per actor (created through torch-fidelity's factory)."""
+    """Loads the extractor once (through torch-fidelity's factory); each call reduces one shard to its moments."""
 
-    def __init__(self, extractor: str, weights: str | None, feature: str, threads: int, use_gpu: bool):
-        from .extractors import create_extractor
+    def __init__(self, extractor: str, weights: str | None, feature: str, column: str, kind: str, chunk: int,
+                 threads: int, use_gpu: bool):
+        from ..data.codec import CODECS
+        from .extractors import create_extractor, get_extractor
 
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
             torch.set_num_threads(max(1, threads))
-        provided = None
-        self.extractor = create_extractor(extractor, weights, [feature] + (["logits"] if feature != "logits" else []), self.device)
-        provided = self.extractor.get_requested_features_list()
-        self.with_logits = "logits" in provided and feature != "logits"
+        info = get_extractor(extractor)
+        self.name, self.column, self.codec, self.chunk = extractor, column, CODECS[kind], min(chunk, info.max_batch)
+        self.with_logits = info.predicts_labels  # logits over the dataset's classes
+        self.extractor = create_extractor(extractor, weights, [feature] + (["logits"] if self.with_logits else []), self.device)
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = decode_batch(batch["png"])
-        out = self.extractor(torch.from_numpy(images).to(self.device))
-        features = out[0].double().cpu().numpy()  # (B, D)
-        m = Moments.of(features)
-        row = {"n": np.array([m.n], np.int64), "mean": m.mean[None], "m2": m.m2[None]}
-        if self.with_logits and "label" in batch:
-            pred = out[1].argmax(1).cpu().numpy()
-            row["consistent"] = np.array([int((pred == np.asarray(batch["label"])).sum())], np.int64)
-        else:
-            row["consistent"] = np.array([-1], np.int64)
-        return row
+        from .extractors import prepare
+
+        moments, kept, consistent = None, [], 0
+        labels = batch.get("label")
+        for s in range(0, len(batch["row"]), self.chunk):
+            part = slice(s, s + self.chunk)
+            x = torch.from_numpy(self.codec.decode_batch(list(batch[self.column][part])))  # uint8 (B, C, H, W) for images
+            out = self.extractor(prepare(x, self.name).to(self.device))
+            features = out[0].float().cpu().numpy()  # (B, D)
+            m = Moments.of(features)
+            moments = m if moments is None else moments.merge(m)
+            kept.append(features[np.asarray(batch["keep"][part], bool)])
+            if self.with_logits and labels is not None:
+                consistent += int((out[1].argmax(1).cpu().numpy() == np.asarray(labels[part])).sum())
+        rows = np.asarray(batch["row"])[np.asarray(batch["keep"], bool)]
+        return {"n": np.array([moments.n], np.int64), "mean": moments.mean[None], "m2": moments.m2[None],
+                "consistent": np.array([consistent if self.with_logits and labels is not None else -1], np.int64),
+                "kept_rows": np.array([_npy(rows)], dtype=object), "kept": np.array([_npy(np.concatenate(kept))], dtype=object)}
 
 
-def feature_statistics(dataset, extractor: str, weights: str | None, fingerprint: str, cfg_generate, batch_size: int,
-                       feature: str = "feat128") -> tuple[Statistics, float | None]:
-    """(Statistics, class consistency or None) of a Ray Dataset with a `png` (and optional `label`) column."""
+def shards_of(table: pa.Table, num_shards: int):
+    """A Ray Dataset of `num_shards` contiguous blocks made on the caller: no Ray Data read tasks (each would
+    ask for a whole CPU, which a busy small cluster such as a running Tune trial cannot give)."""
+    import ray
+
+    sizes = [len(a) for a in np.array_split(np.arange(table.num_rows), max(1, min(num_shards, table.num_rows)))]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    return ray.data.from_arrow([table.slice(int(a), int(n)) for a, n in zip(starts, sizes)])
+
+
+def extract(samples: SampleSet, extractor: str, weights: str | None, feature_space: str, fingerprint: str, cfg_generate,
+            chunk: int, num_shards: int | None = None, keep: np.ndarray | None = None) -> FeaturePass:
+    """Statistics (and the features of the `keep` rows) of a sample set, over an actor pool."""
     from ray.data import ActorPoolStrategy
 
     from ..cluster import resolve_use_gpu
+    from .extractors import get_extractor
 
     t0 = time.time()
+    info = get_extractor(extractor)
+    n = samples.n
+    keep = np.zeros(n, bool) if keep is None else keep
+    # Default: a few shards per actor (load balance) without a (D, D) moment matrix per small chunk.
+    shards = num_shards or min(math.ceil(n / chunk), SHARDS_PER_ACTOR * cfg_generate.actors)
+    table = samples.table.append_column("row", pa.array(np.arange(n, dtype=np.int64))).append_column("keep", pa.array(keep))
     use_gpu = resolve_use_gpu(None if cfg_generate.gpus_per_actor is None else cfg_generate.gpus_per_actor > 0)
-    rows = dataset.map_batches(
+    ds = shards_of(table, shards).map_batches(
         FeatureActor,
-        fn_constructor_kwargs=dict(extractor=extractor, weights=weights, feature=feature,
-                                   threads=cfg_generate.threads_per_actor, use_gpu=use_gpu),
-        batch_size=batch_size,
-        compute=ActorPoolStrategy(size=cfg_generate.actors),
+        fn_constructor_kwargs=dict(extractor=extractor, weights=weights, feature=info.feature, column=samples.column,
+                                   kind=info.kind, chunk=chunk, threads=cfg_generate.threads_per_actor, use_gpu=use_gpu),
+        batch_size=None,  # one call per shard; the actor chunks it
+        compute=ActorPoolStrategy(size=max(1, min(shards, cfg_generate.actors))),
         num_cpus=cfg_generate.cpus_per_actor,
         num_gpus=(cfg_generate.gpus_per_actor or 1.0) if use_gpu else 0,
-    ).take_all()
-    if not rows:
-        raise NeonError("empty sample set: no images to score")
-    moments = merge_all(Moments(int(r["n"]), np.asarray(r["mean"], np.float64), np.asarray(r["m2"], np.float64)) for r in rows)
-    consistent = [int(r["consistent"]) for r in rows]
-    consistency = sum(consistent) / moments.n if all(c >= 0 for c in consistent) else None
-    log.info("features of %d images in %.1f s", moments.n, time.time() - t0)
-    return Statistics.from_moments(moments, fingerprint), consistency
+    )
+    moments, consistent, rows, feats = None, [], [], []
+    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):  # streamed: one (D, D) at a time per shard
+        for i in range(len(out["n"])):
+            m = Moments(int(out["n"][i]), np.asarray(out["mean"][i], np.float64), np.asarray(out["m2"][i], np.float64))
+            moments = m if moments is None else moments.merge(m)
+            consistent.append(int(out["consistent"][i]))
+            rows.append(_from_npy(out["kept_rows"][i]))
+            feats.append(_from_npy(out["kept"][i]))
+    assert moments is not None and moments.n == n, f"feature pass lost samples: {None if moments is None else moments.n} of {n}"
+    order = np.argsort(np.concatenate(rows), kind="stable")
+    features = np.concatenate(feats)[order] if keep.any() else None
+    consistency = sum(consistent) / n if all(c >= 0 for c in consistent) else None
+    seconds = time.time() - t0
+    log.info("features of %d samples (%s, %d shards) in %.1f s (%.1f samples/s)", n, extractor, shards, seconds, n / seconds)
+    return FeaturePass(Statistics.from_moments(moments, feature_space, fingerprint, samples.source), features, consistency, seconds)

@@ -22,6 +22,7 @@ from .evaluate import extractor_fingerprint, reference_statistics, reference_uri
 
 log = logging.getLogger("neon_ray")
 STAGE = "tune"
+TRIAL_SCORES = ("fid", "precision", "recall", "fid_floor", "class_consistency", "n", "sample_seconds")
 
 
 def config_hash(cfg: RunConfig) -> str:
@@ -52,8 +53,8 @@ def _trial(config: dict, cfg_json: dict, base: str, finetuned: str, reference: s
     merge_uris(base, finetuned, model, w, allow_negative=cfg.tune.allow_negative_w)
     ref = Statistics.from_bytes(storage.read_bytes(reference), reference)
     scores = score_checkpoint(cfg, model, tdir, ref)
-    result = {"w": w, "fid": scores["fid"], "class_consistency": scores["class_consistency"], "n": scores["n"],
-              "sample_seconds": scores["sample_seconds"], "model": model, "samples": scores["samples"], "config_hash": config_hash}
+    result = {"w": w, "model": model, "config_hash": config_hash,
+              **{k: scores[k] for k in TRIAL_SCORES + ("samples",)}}
     storage.write_json_atomic(result_uri, result)
     tune.report({k: v for k, v in result.items() if isinstance(v, (int, float)) and v is not None})
 
@@ -99,6 +100,6 @@ def tune(cfg: RunConfig, force: bool = False) -> dict:
     rec.inputs = {"base_checkpoint": base, "finetuned": finetuned, "reference": reference_uri(cfg)}
     rec.outputs = {"best_model": best["model"], "best_samples": best["samples"], "trials": storage.join(rec.dir, "trials")}
     rec.metrics = {"best_w": best["w"], "best_fid": best["fid"], "best_class_consistency": best["class_consistency"],
-                   "trials": [{k: r[k] for k in ("w", "fid", "class_consistency", "n", "sample_seconds")} for r in trials]}
+                   "trials": [{k: r.get(k) for k in ("w",) + TRIAL_SCORES} for r in trials]}
     rec.params = {"w_grid": list(t.w_grid), "max_concurrent_trials": t.max_concurrent_trials}
     return rec.finish()
