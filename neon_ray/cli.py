@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output safetensors URI (default: <output>/merge/model.safetensors)")
     p = sub.add_parser("show-config", help="print the resolved config as YAML")
     _add_common(p)
+    p = sub.add_parser("families", help="list the model families: presets and sampler settings (with defaults)")
+    p.add_argument("family", nargs="?", help="one family (a registered name or module:attr plugin)")
     p = sub.add_parser("ref-stats", help="compute (once) or --import the reference statistics of the config's evaluate section")
     _add_scoring(p)
     p.add_argument("--import", dest="import_path", metavar="FILE.npz", help="import published ADM/EDM statistics (mu, sigma)")
@@ -100,6 +102,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .config import load_config, to_yaml
     from .storage import ensure_writable
 
+    if args.command == "families":
+        print(describe_families(args.family))
+        return 0
     cfg = load_config(args.config, args.overrides, args.output)
     if args.command == "show-config":
         print(to_yaml(cfg), end="")
@@ -145,6 +150,31 @@ def _dispatch(args: argparse.Namespace) -> int:
     print(json.dumps({"stage": manifest["stage"], "metrics": manifest["metrics"], "outputs": manifest["outputs"],
                       "wall_seconds": round(time.time() - t0, 1)}, indent=2, default=str))
     return 0
+
+
+def describe_families(only: str | None = None) -> str:
+    """A plain-text catalogue: each family's presets and its sampler fields (type, default, meaning)."""
+    from .models.registry import get_family, known_families
+
+    lines = []
+    for name in [only] if only else known_families():
+        family = get_family(name, field="family")
+        lines.append(f"{family.name}  ({family.__module__}.{family.__qualname__})")
+        for preset, hparams in family.presets.items():
+            lines.append(f"  preset {preset}: " + ", ".join(f"{k}={v}" for k, v in hparams.items()))
+        for field, info in family.sampler_schema.model_fields.items():
+            kind = _type_name(info.annotation)
+            lines.append(f"  sampler.{field}: {kind} = {info.default!r}  {info.description or ''}".rstrip())
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def _type_name(annotation) -> str:
+    from typing import Literal, get_args, get_origin
+
+    if get_origin(annotation) is Literal:
+        return "|".join(str(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
 
 
 def _score_command(cfg, args: argparse.Namespace) -> int:

@@ -92,6 +92,7 @@ class FinetuneConfig(Section):
     cpus_per_worker: float = Field(0.5, gt=0)
     use_gpu: bool | None = None
     threads_per_worker: int = Field(1, ge=1)
+    cache_shard: bool = Field(True, description="Keep each worker's shard of S in memory (encoded) across epochs; false streams it anew every epoch.")
 
 
 class MergeConfig(Section):
@@ -107,6 +108,7 @@ class MergeConfig(Section):
 class EvaluateConfig(Section):
     num_samples: int = Field(5000, ge=2, description="Samples per FID evaluation.")
     seed: int = Field(1_000_003, description="Seed stream of evaluation samples (the same for every w).")
+    sampler: dict[str, Any] = Field(default_factory=dict, description="Sampler overrides for scoring models, merged over `sampler` (e.g. {score_scale: 1.0}: score every θ with the model's plain sampler while S comes from a biased one). Empty: score with `sampler`.")
     extractor: str = Field("fmnist-classifier", description="fmnist-classifier, inception-fid-helper (standard FID Inception, offline) or inception-v3-compat (torch-fidelity's, needs extractor_weights).")
     extractor_weights: str | None = Field(None, description="Local weights file of the extractor (null: the packaged default; never downloaded).")
     reference_split: Literal["train", "test"] = "test"
@@ -134,6 +136,17 @@ class TuneConfig(Section):
         for i, w in enumerate(self.w_grid):
             check_w(w, f"tune.w_grid[{i}]", self.allow_negative_w)
         return self
+
+
+def _resolve_local(path: str | None, keep_if_missing: bool = False) -> str | None:
+    if not path or "://" in path or os.path.isabs(path):
+        return path
+    here, repo = os.path.abspath(path), os.path.join(REPO_ROOT, path)
+    if os.path.exists(here):
+        return here
+    if os.path.exists(repo):
+        return repo
+    return path if keep_if_missing else here
 
 
 def check_w(w: float, field: str, allow_negative: bool = False) -> None:
@@ -169,13 +182,13 @@ class RunConfig(Section):
         return v.rstrip("/") or "/"
 
     @model_validator(mode="after")
-    def _resolve_checkpoint(self) -> "RunConfig":
-        # A relative checkpoint path is taken from the working directory, else from the repository
-        # (so `jobs/checkpoints/...` works from anywhere and inside `ray job submit`).
-        ckpt = self.model.checkpoint
-        if ckpt and "://" not in ckpt and not os.path.isabs(ckpt):
-            here, repo = os.path.abspath(ckpt), os.path.join(REPO_ROOT, ckpt)
-            self.model.checkpoint = here if os.path.exists(here) or not os.path.exists(repo) else repo
+    def _resolve_paths(self) -> "RunConfig":
+        # Relative local paths are taken from the working directory, else from the repository (so
+        # `jobs/checkpoints/...` works from anywhere and inside `ray job submit`), and made absolute:
+        # Ray workers run in other directories.
+        self.model.checkpoint = _resolve_local(self.model.checkpoint)
+        if isinstance(self.model.options.get("vae"), str):  # a local folder, or a hub id (org/name) kept as it is
+            self.model.options["vae"] = _resolve_local(self.model.options["vae"], keep_if_missing=True)
         return self
 
     @model_validator(mode="after")
@@ -186,7 +199,15 @@ class RunConfig(Section):
         family = registry.get_family(self.model.family, field="model.family")
         family.check_preset(self.model.preset, field="model.preset")
         self.sampler = family.validate_sampler(self.sampler, field="sampler")
+        unknown = sorted(set(self.evaluate.sampler) - set(self.sampler))
+        if unknown:
+            raise ConfigError(f"evaluate.sampler.{unknown[0]}: unknown field (the family's sampler has {sorted(self.sampler)})")
+        family.validate_sampler(self.scoring_sampler(), field="evaluate.sampler")
         return self
+
+    def scoring_sampler(self) -> dict[str, Any]:
+        """The sampler settings that score models (evaluate, tune): `sampler` with `evaluate.sampler` merged over it."""
+        return {**self.sampler, **self.evaluate.sampler}
 
     def sampler_settings(self):
         from .models import registry

@@ -48,9 +48,10 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
             manifests[name] = manifest
             tracker.log_stage(manifest, skipped=bool(skipped))
         summary = _summary(cfg, manifests, seconds, tracker)
-        images = _images(cfg, manifests, summary)
-        storage.write_json_atomic(storage.join(cfg.output, "summary.json"), summary)
-        tracker.finish(summary, images)
+        with tempfile.TemporaryDirectory(prefix="neon-report-") as tmp:
+            images = _images(cfg, manifests, summary, tmp)
+            storage.write_json_atomic(storage.join(cfg.output, "summary.json"), summary)
+            tracker.finish(summary, images)
         return summary
     except BaseException:
         tracker.fail()
@@ -59,16 +60,23 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
 
 def _summary(cfg: RunConfig, m: dict[str, dict], seconds: dict[str, float], tracker: Tracker) -> dict:
     ev, tu, ft, gen = m["evaluate"]["metrics"], m["tune"]["metrics"], m["finetune"]["metrics"], m["generate"]["metrics"]
+    best = next((t for t in tu["trials"] if t["w"] == tu["best_w"]), {})
     return {
         "dataset": cfg.data.name,
         "model": f"{cfg.model.family}/{cfg.model.preset}",
         "sampler": dict(cfg.sampler),
         "guidance": cfg.sampler.get("guidance"),
+        "scoring_sampler": cfg.scoring_sampler(),
         "fid_base": ev["fid"],
         "fid_neon": tu["best_fid"],
         "best_w": tu["best_w"],
         "base_class_consistency": ev["class_consistency"],
         "neon_class_consistency": tu["best_class_consistency"],
+        "base_precision": ev.get("precision"),
+        "base_recall": ev.get("recall"),
+        "neon_precision": best.get("precision"),
+        "neon_recall": best.get("recall"),
+        "fid_floor": ev.get("fid_floor"),
         "n_eval": ev["n"],
         "n_synthetic": gen["n_synthetic"],
         "finetune_images": ft["finetune_images"],
@@ -82,12 +90,12 @@ def _summary(cfg: RunConfig, m: dict[str, dict], seconds: dict[str, float], trac
     }
 
 
-def _images(cfg: RunConfig, m: dict[str, dict], summary: dict) -> dict[str, str]:
+def _images(cfg: RunConfig, m: dict[str, dict], summary: dict, tmp: str) -> dict[str, str]:
+    """Render the comparison grid and the FID-vs-w plot into `tmp`; upload both next to summary.json."""
     from .report import save_comparison_grid, save_fid_plot
     from .stages.common import dataset_of
 
     out = {}
-    tmp = tempfile.mkdtemp(prefix="neon-report-")
     title = f"{summary['model']}, {cfg.sampler}"
     grid = save_comparison_grid(m["evaluate"]["outputs"]["samples"], m["tune"]["outputs"]["best_samples"],
                                 os.path.join(tmp, "samples_base_vs_neon.png"),

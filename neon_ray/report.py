@@ -83,12 +83,17 @@ def print_summary(summary: dict) -> None:
     line = "─" * 64
     print(line)
     print(f"Neon on {summary['dataset']} · {summary['model']} · sampler {summary['sampler']}")
+    if summary.get("scoring_sampler") not in (None, summary["sampler"]):
+        print(f"models scored with sampler {summary['scoring_sampler']}")
     print(line)
-    print(f"{'':28}{'FID':>12}{'class consistency':>22}")
-    print(f"{'base (w = 0)':28}{summary['fid_base']:>12.4f}{_pct(summary.get('base_class_consistency')):>22}")
-    print(f"{'Neon (w = %.3g)' % summary['best_w']:28}{summary['fid_neon']:>12.4f}{_pct(summary.get('neon_class_consistency')):>22}")
+    print(f"{'':22}{'FID':>10}{'precision':>11}{'recall':>9}{'class consistency':>20}")
+    for name, key in (("base (w = 0)", "base"), ("Neon (w = %.3g)" % summary["best_w"], "neon")):
+        print(f"{name:22}{summary['fid_' + key]:>10.4f}{_num(summary.get(key + '_precision')):>11}{_num(summary.get(key + '_recall')):>9}"
+              f"{_pct(summary.get(key + '_class_consistency')):>20}")
     change = (summary["fid_neon"] - summary["fid_base"]) / summary["fid_base"] * 100 if summary["fid_base"] else float("nan")
-    print(f"{'change':28}{change:>+11.1f}%")
+    print(f"{'change':22}{change:>+9.1f}%")
+    if summary.get("fid_floor") is not None:
+        print(f"real-vs-real FID floor at n = {summary['n_eval']}: {summary['fid_floor']:.4f} (differences below it are noise)")
     print(line)
     print("FID by w: " + ", ".join(f"{t['w']:.3g}: {t['fid']:.3f}" for t in summary.get("trials", [])))
     print(f"|S| = {summary['n_synthetic']}, fine-tune images = {summary['finetune_images']}, "
@@ -96,6 +101,10 @@ def print_summary(summary: dict) -> None:
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
     print(f"summary: {summary['summary_uri']}")
     print(f"MLflow:  {summary['mlflow_ui']}   (then open http://127.0.0.1:5000)")
+
+
+def _num(x, digits: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def _pct(x, digits: int = 1) -> str:

@@ -8,7 +8,9 @@ venv=$(bash "$root/scripts/setup_env.sh")
 py="$venv/bin/python"
 
 # This checkout, installed editable (cheap check first: the venv is shared by every clone).
-where=$("$py" -c 'import neon_ray, os; print(os.path.dirname(os.path.dirname(os.path.abspath(neon_ray.__file__))))' 2>/dev/null || true)
+# -I and cd /: ask where the *installed* neon_ray lives, not the one the current directory would
+# shadow it with (the console script `neon-ray` never sees the current directory).
+where=$(cd / && "$py" -I -c 'import neon_ray, os; print(os.path.dirname(os.path.dirname(os.path.abspath(neon_ray.__file__))))' 2>/dev/null || true)
 if [ "$where" != "$root" ] || [ ! -x "$venv/bin/neon-ray" ]; then
   echo "[setup] installing $root into $venv (editable)" >&2
   "$py" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$root" >/dev/null 2>&1 \

@@ -88,3 +88,53 @@ def test_unwritable_output(tmp_path):
 def test_stage_needs_its_inputs(tmp_path, tiny_checkpoint):
     proc = neon_ray_cli("finetune", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={tiny_checkpoint}")
     _assert_one_line_error(proc, "generate", "has not run")
+
+
+def test_families_lists_every_builtin_and_plugins():
+    proc = neon_ray_cli("families")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for needle in ("diffusion", "preset DiT-XL/2", "edm", "flow", "autoregressive", "sampler.top_p", "fewstep",
+                   "sampler.steps: 1|2|4|8", "toy-ddpm", "toy-flow"):
+        assert needle in proc.stdout, needle
+    plugin = neon_ray_cli("families", "neon_plugin_demo:TinyFlowFamily",
+                          env={"PYTHONPATH": str(Path(__file__).parent / "plugins")})
+    assert plugin.returncode == 0 and "tiny-flow-demo" in plugin.stdout, plugin.stderr[-2000:]
+    _assert_one_line_error(neon_ray_cli("families", "nope"), "family", "nope")
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+
+
+@pytest.mark.parametrize("config, args, needles", [
+    ("tiny_dit.yaml", ["--set", "model.preset=DiT-XXL/2"], ["model.preset", "DiT-XXL/2"]),
+    ("tiny_dit.yaml", ["--set", "sampler.guidance=-1"], ["sampler.guidance"]),
+    ("tiny_edm.yaml", ["--set", "sampler.steps=0"], ["sampler.steps"]),
+    ("tiny_flow.yaml", ["--set", "sampler.name=rk9"], ["sampler.name"]),
+    ("tiny_ar.yaml", ["--set", "sampler.top_p=0"], ["sampler.top_p"]),
+    ("tiny_ar.yaml", ["--set", "sampler.top_p=1.5"], ["sampler.top_p"]),
+    ("tiny_ar.yaml", ["--set", "sampler.top_k=-1"], ["sampler.top_k"]),
+    ("tiny_fewstep.yaml", ["--set", "sampler.steps=3"], ["sampler.steps"]),
+    ("tiny_fewstep.yaml", ["--set", "sampler.guidance=-0.5"], ["sampler.guidance"]),
+    ("toy_gaussian.yaml", ["--set", "evaluate.sampler={score_scale: 0}"], ["evaluate.sampler.score_scale"]),
+])
+def test_family_config_errors(tmp_path, config, args, needles):
+    proc = neon_ray_cli("run", str(CONFIGS / config), "--output", str(tmp_path / "o"), *args)
+    _assert_one_line_error(proc, *needles)
+    _no_manifests(tmp_path / "o")
+
+
+@pytest.mark.parametrize("image_shape, needle", [((1, 32, 32), "(1, 32, 32)"), ((3, 28, 28), "(3, 28, 28)")])
+def test_checkpoint_for_another_resolution_or_channel_count(tmp_path, image_shape, needle):
+    """A DiT checkpoint made for 32×32 or RGB inputs, given to the 28×28 grey tiny_dit config."""
+    import torch
+
+    from neon_ray.models import ModelSpec, get_family
+    from neon_ray.models.checkpoint import save_checkpoint
+
+    family = get_family("diffusion")(ModelSpec("diffusion", "dit-tiny", image_shape, 10))
+    torch.manual_seed(0)
+    path = tmp_path / "other.safetensors"
+    save_checkpoint(str(path), family.build().state_dict(), family.spec, train_images=1000)
+    proc = neon_ray_cli("generate", str(CONFIGS / "tiny_dit.yaml"), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={path}")
+    _assert_one_line_error(proc, "model.checkpoint", needle, "(1, 28, 28)")
+    _no_manifests(tmp_path / "o")

@@ -44,6 +44,8 @@ def test_relative_output_becomes_absolute():
     ("merge.w=.nan", "merge.w"),
     ("merge.w=0", "merge.w"),
     ("finetune.nonsense=1", "finetune.nonsense"),
+    ("evaluate.sampler={steps: 0}", "evaluate.sampler.steps"),
+    ("evaluate.sampler={bogus: 1}", "evaluate.sampler.bogus"),
 ])
 def test_errors_name_the_field(tmp_path, override, field):
     with pytest.raises(ConfigError) as err:
@@ -62,3 +64,9 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
     bad.write_text("finetune: [1, 2\n")
     with pytest.raises(ConfigError, match="invalid YAML"):
         load_config(bad)
+
+
+def test_scoring_sampler_merges_evaluate_overrides(tmp_path):
+    cfg = load_config(TINY, ["evaluate.sampler={guidance: 1.0}"], str(tmp_path))
+    assert cfg.sampler["guidance"] == 2.0 and cfg.scoring_sampler() == {**cfg.sampler, "guidance": 1.0}
+    assert load_config(TINY, [], str(tmp_path)).scoring_sampler() == cfg.sampler

@@ -68,7 +68,7 @@ class VectorCodec(SampleCodec):
         sizes = {len(b) for b in blobs}
         if len(sizes) > 1:
             raise NeonError(f"sample set mixes vector sizes {sorted(s // 4 for s in sizes)}")
-        if not blobs:
+        if not sizes:
             return np.zeros((0, 0), np.float32)
         return np.stack([np.frombuffer(b, dtype="<f4") for b in blobs]).astype(np.float32)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import struct
@@ -61,7 +62,9 @@ def load_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     with storage.local_copy(uri, what="checkpoint") as path:
         try:
             if path.endswith((".pt", ".pth", ".bin")):
-                obj = torch.load(path, map_location="cpu", weights_only=True)
+                # Official DiT/SiT training checkpoints also hold their argparse options: allow that one class.
+                with torch.serialization.safe_globals([argparse.Namespace]):
+                    obj = torch.load(path, map_location="cpu", weights_only=True)
                 state = obj.get("ema", obj.get("model", obj)) if isinstance(obj, dict) else obj
                 if not isinstance(state, dict):
                     raise NeonError(f"checkpoint {uri}: expected a state dict")

@@ -18,8 +18,9 @@ def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
 
 
 def _load_builtins() -> None:
-    if not _FAMILIES:
-        from . import diffusion  # noqa: F401  (registers itself)
+    # Always import (cached by Python): a guard such as `if not _FAMILIES` would let one family module
+    # imported directly hide the others.
+    from . import autoregressive, diffusion, edm, fewstep, flow, toy  # noqa: F401  (each registers itself)
 
 
 def _load_plugin(path: str, field: str) -> type[ModelFamily]:

@@ -225,13 +225,13 @@ def evaluate(cfg: RunConfig, checkpoint: str | None = None, force: bool = False)
     rec = start(STAGE, cfg.output, h)
     ensure_ray(cfg.ray)
     reference = reference_statistics(cfg)
-    scores = score_checkpoint(cfg, target, rec.dir, reference)
+    scores = score_checkpoint(cfg, target, rec.dir, reference, settings=cfg.scoring_sampler())
     rec.inputs = {"checkpoint": target, "reference": reference_uri(cfg)}
     rec.outputs = {"samples": scores["samples"]}
     rec.metrics = {k: scores[k] for k in ("fid", "precision", "recall", "fid_floor", "class_consistency", "n", "sample_seconds")}
     rec.params = {"extractor": extractor_fingerprint(cfg), "feature_space": reference.feature_space,
                   "num_samples": cfg.evaluate.num_samples, "eval_seed": cfg.evaluate.seed, "prc_k": cfg.evaluate.prc_k,
-                  **{f"sampler.{k}": v for k, v in cfg.sampler.items()}}
+                  **{f"sampler.{k}": v for k, v in cfg.scoring_sampler().items()}}
     return rec.finish()
 
 

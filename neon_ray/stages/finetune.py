@@ -13,6 +13,7 @@ import os
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 from .. import storage
@@ -128,6 +129,38 @@ def _gather_fp32_state(engine, net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def _micro_batches(shard, micro_batch: int, cache: bool, seed: int, rank: int):
+    """Endless micro-batches of this worker's shard of S, reshuffled every epoch.
+
+    With `cache`, the shard is read once and kept encoded (S is small: 1k–50k images of a few hundred
+    bytes to a few KB); epochs are then seeded permutations of it. Otherwise every epoch streams the
+    shard again through Ray Data (each pass restarts its pipeline: seconds per epoch).
+    """
+    epoch = 0
+    if cache:
+        parts = list(shard.iter_batches(batch_size=4096, batch_format="numpy"))
+        table = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]} if parts else {}
+        n = len(table.get("label", ()))
+        if n < micro_batch:
+            raise NeonError(f"finetune.batch_size: worker {rank}'s shard of S holds {n} samples, fewer than its micro-batch {micro_batch}")
+        while True:
+            order = np.random.default_rng(derive_seed(seed, "ft", rank, epoch) % (2**63)).permutation(n)
+            for start in range(0, n - micro_batch + 1, micro_batch):  # drop_last: equal micro-batches
+                idx = order[start : start + micro_batch]
+                yield {k: v[idx] for k, v in table.items()}
+            epoch += 1
+    while True:
+        yielded = False
+        for batch in shard.iter_batches(batch_size=micro_batch, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=4 * micro_batch,
+                                        local_shuffle_seed=derive_seed(seed, "ft", rank, epoch) % (2**31)):
+            yielded = True
+            yield batch
+        if not yielded:
+            raise NeonError(f"finetune.batch_size: worker {rank}'s shard of S is smaller than its micro-batch {micro_batch}")
+        epoch += 1
+
+
 def _finetune_loop(loop_cfg: dict) -> None:
     """Runs on every Ray Train worker: DeepSpeed engine over this worker's shard of S."""
     import ray.train
@@ -157,26 +190,22 @@ def _finetune_loop(loop_cfg: dict) -> None:
     dtype = torch.bfloat16 if f.bf16 else torch.float32
     shard = ray.train.get_dataset_shard("train")
 
-    step, epoch, losses, history, t0 = 0, 0, [], [], time.time()
-    while step < p["steps"]:
-        batches = shard.iter_batches(batch_size=p["micro_batch"], batch_format="numpy", drop_last=True,
-                                     local_shuffle_buffer_size=4 * p["micro_batch"], local_shuffle_seed=derive_seed(cfg.seed, "ft", rank, epoch) % (2**31))
-        for batch in batches:
-            if step >= p["steps"]:
-                break
-            x = codec.to_model(torch.from_numpy(codec.decode_batch(batch[codec.column]))).to(device, dtype)
-            y = torch.from_numpy(batch["label"].astype("int64")).to(device)
-            gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "finetune-noise", rank, step))
-            loss = family.training_loss(engine, x, y, gen)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-            step += 1
-            if step == 1 or step % 10 == 0 or step == p["steps"]:
-                history.append({"step": step, "loss": sum(losses[-10:]) / len(losses[-10:]), "lr": sched.get_last_lr()[0]})
-                if rank == 0:
-                    progress(f"[finetune] step {step}/{p['steps']} loss {history[-1]['loss']:.4f}")
-        epoch += 1
+    step, losses, history, t0 = 0, [], [], time.time()
+    for batch in _micro_batches(shard, p["micro_batch"], f.cache_shard, cfg.seed, rank):
+        if step >= p["steps"]:
+            break
+        x = codec.to_model(torch.from_numpy(codec.decode_batch(batch[codec.column]))).to(device, dtype)
+        y = torch.from_numpy(batch["label"].astype("int64")).to(device)
+        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "finetune-noise", rank, step))
+        loss = family.training_loss(engine, x, y, gen)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.item())
+        step += 1
+        if step == 1 or step % 10 == 0 or step == p["steps"]:
+            history.append({"step": step, "loss": sum(losses[-10:]) / len(losses[-10:]), "lr": sched.get_last_lr()[0]})
+            if rank == 0:
+                progress(f"[finetune] step {step}/{p['steps']} loss {history[-1]['loss']:.4f}")
     seconds = time.time() - t0
 
     state = _gather_fp32_state(engine, net)  # collective under ZeRO-3

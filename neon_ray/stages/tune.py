@@ -52,7 +52,7 @@ def _trial(config: dict, cfg_json: dict, base: str, finetuned: str, reference: s
     model = storage.join(tdir, "model.safetensors")
     merge_uris(base, finetuned, model, w, allow_negative=cfg.tune.allow_negative_w)
     ref = Statistics.from_bytes(storage.read_bytes(reference), reference)
-    scores = score_checkpoint(cfg, model, tdir, ref)
+    scores = score_checkpoint(cfg, model, tdir, ref, settings=cfg.scoring_sampler())
     result = {"w": w, "model": model, "config_hash": config_hash,
               **{k: scores[k] for k in TRIAL_SCORES + ("samples",)}}
     storage.write_json_atomic(result_uri, result)
