@@ -37,3 +37,14 @@ def tiny_checkpoint(tmp_path):
     path = tmp_path / "base.safetensors"
     save_checkpoint(str(path), net.state_dict(), family.spec, train_images=10_000)
     return path
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: a second thread only adds synchronisation on a busy 2-core machine (opt in per module)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,8 +1,9 @@
-"""`neon-ray run` end to end on the tiny config: summary, MLflow runs and images, skip on rerun."""
+"""`neon-ray run` end to end on the tiny config: summary, MLflow runs and images, skip on rerun, a changed w grid."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import pytest
@@ -36,7 +37,7 @@ def check_mlflow(output, expected_stages=("pretrain", "generate", "finetune", "e
 
 
 @pytest.mark.slow
-def test_neon_ray_run_end_to_end_and_skip_on_rerun(tmp_path):
+def test_neon_ray_run_end_to_end_skip_on_rerun_and_changed_grid(tmp_path):
     out = tmp_path / "run"
     first = neon_ray_cli("run", str(TINY), "--output", str(out), timeout=1500, env={"MLFLOW_TRACKING_URI": ""})
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
@@ -61,3 +62,18 @@ def test_neon_ray_run_end_to_end_and_skip_on_rerun(tmp_path):
     assert all(s < 5 for s in again["stage_seconds"].values()), again["stage_seconds"]
     assert wall < 90, wall  # interpreter + imports + MLflow; no stage work
     assert second.stderr.count("up to date") >= 5
+
+    # A changed grid reruns the search, reusing the trials already scored: here only the w that lost, whose merged
+    # model was deleted then, so it must be merged again (not re-scored) to become the best model.
+    lost = next(t for t in summary["trials"] if t["w"] != summary["best_w"])
+    result = out / "tune" / "trials" / f"w={lost['w']:.6g}" / "result.json"
+    scored_at = result.stat().st_mtime_ns
+    third = neon_ray_cli("run", str(TINY), "--output", str(out), "--set", f"tune.w_grid=[{lost['w']}]",
+                         timeout=600, env={"MLFLOW_TRACKING_URI": ""})
+    assert third.returncode == 0, third.stderr[-3000:]
+    narrowed = json.loads((out / "summary.json").read_text())
+    assert narrowed["best_w"] == lost["w"] and narrowed["fid_neon"] == lost["fid"]
+    assert [t["w"] for t in narrowed["trials"]] == [lost["w"]]
+    assert result.stat().st_mtime_ns == scored_at
+    best_model = json.loads((out / "tune" / "manifest.json").read_text())["outputs"]["best_model"]
+    assert best_model.endswith(f"w={lost['w']:.6g}/model.safetensors") and os.path.getsize(best_model) > 1000

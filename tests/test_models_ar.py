@@ -14,13 +14,7 @@ from neon_ray.training import balanced_labels, sample_seeds
 SHAPE = (1, 6, 5)  # 30 tokens: small enough to sample in milliseconds
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: a second thread only adds synchronisation on a busy 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

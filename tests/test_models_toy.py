@@ -16,13 +16,7 @@ def make(name: str, preset: str = "mlp-paper"):
     return get_family(name)(ModelSpec(name, preset, (2,), 1))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second thread only adds synchronisation (20× slower on a busy 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def train(family, steps: int, seed: int = 0):

@@ -42,7 +42,7 @@ def _read_idx(path: Path) -> np.ndarray:
     body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(dims)):
         raise NeonError(f"dataset file {path} is truncated ({body.size} of {int(np.prod(dims))} values)")
-    return body.reshape(dims)
+    return body.reshape(dims).copy()  # own, writable memory (torch.from_numpy warns on read-only buffers)
 
 
 @register_dataset

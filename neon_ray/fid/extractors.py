@@ -267,7 +267,7 @@ def feature_space(name: str, configured_weights: str | None) -> str:
 
 @contextlib.contextmanager
 def _weights_only_loads():
-    """torch-fidelity's InceptionV3 calls torch.load(weights_only=False); this makes torch refuse pickled objects."""
+    """torch-fidelity's InceptionV3 loads its weights with a full unpickler; this makes torch.load refuse pickled objects."""
     old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
     try:

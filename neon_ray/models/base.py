@@ -62,6 +62,11 @@ class ModelFamily(ABC):
             raise ConfigError(f"{field}: unknown preset {preset!r} for family {cls.name!r}; choose one of {sorted(cls.presets)}")
 
     @classmethod
+    def sampler_settings(cls, settings: SamplerSettings | dict[str, Any]) -> SamplerSettings:
+        """`settings` as this family's sampler schema (a dict from a config or Parquet metadata is validated)."""
+        return settings if isinstance(settings, cls.sampler_schema) else cls.sampler_schema.model_validate(settings)
+
+    @classmethod
     def validate_sampler(cls, settings: dict[str, Any], field: str = "sampler") -> dict[str, Any]:
         try:
             return cls.sampler_schema.model_validate(settings or {}).model_dump()

@@ -157,7 +157,7 @@ class DiffusionFamily(DenoiserFamily):
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):
-        s = settings if isinstance(settings, DiffusionSampler) else DiffusionSampler.model_validate(settings)
+        s = self.sampler_settings(settings)
         net = self.network(net, s.compile)
         dev = labels.device
         gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]

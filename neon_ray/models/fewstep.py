@@ -143,7 +143,7 @@ class FewStepFamily(ModelFamily):
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):
-        s = settings if isinstance(settings, FewStepSampler) else FewStepSampler.model_validate(settings)
+        s = self.sampler_settings(settings)
         h = self.hparams
         dev, shape = labels.device, self.spec.image_shape
         gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]

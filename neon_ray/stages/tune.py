@@ -25,11 +25,17 @@ STAGE = "tune"
 TRIAL_SCORES = ("fid", "precision", "recall", "fid_floor", "class_consistency", "n", "sample_seconds")
 
 
-def config_hash(cfg: RunConfig) -> str:
+def trial_hash(cfg: RunConfig) -> str:
+    """What one trial's score depends on. Not the grid: a w scored once is reused by any grid that holds it."""
     from .finetune import config_hash as finetune_hash
 
     return fingerprint(STAGE, base_identity(cfg), finetune_hash(cfg), cfg.sampler, cfg.evaluate, extractor_fingerprint(cfg),
                        cfg.generate.bf16, cfg.tune.allow_negative_w)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """The stage is current only for the grid it searched; a changed grid reruns it (scoring only the new w)."""
+    return fingerprint(STAGE, trial_hash(cfg), sorted(float(w) for w in cfg.tune.w_grid))
 
 
 def trial_dir(tune_dir: str, w: float) -> str:
@@ -80,7 +86,7 @@ def tune(cfg: RunConfig, force: bool = False) -> dict:
     t = cfg.tune
     trainable = ray_tune.with_resources(
         partial(_trial, cfg_json=cfg.model_dump(mode="json"), base=base, finetuned=finetuned, reference=reference_uri(cfg),
-                tune_dir=rec.dir, config_hash=h),
+                tune_dir=rec.dir, config_hash=trial_hash(cfg)),
         {"cpu": t.cpus_per_trial},
     )
     tuner = ray_tune.Tuner(
@@ -94,6 +100,8 @@ def tune(cfg: RunConfig, force: bool = False) -> dict:
         raise NeonError(f"{len(grid.errors)} tune trial(s) failed; first: {str(grid.errors[0]).strip().splitlines()[-1][:300]}")
     trials = sorted((storage.read_json(storage.join(trial_dir(rec.dir, float(w)), "result.json")) for w in t.w_grid), key=lambda r: r["w"])
     best = min(trials, key=lambda r: r["fid"])
+    if not storage.exists(best["model"]):  # a trial reused from an earlier grid, whose merged model was not the best then
+        merge_uris(base, finetuned, best["model"], best["w"], allow_negative=t.allow_negative_w)
     for r in trials:  # keep only the best merged model: the others are one command away
         if r is not best:
             storage.remove(r["model"])
