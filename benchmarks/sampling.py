@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from neon_ray.models import ModelSpec, get_family
-from neon_ray.training import sample_seeds
+from neon_ray.runtime.seeds import sample_seeds
 
 H100_DIT_XL2_CEILING = 1962.0  # forwards/s of a DiT-XL/2-sized stack, bf16 + torch.compile, batch 256
 DENOISER_PRESETS = ["unet-p2s", "dit-tiny", "dit-fmnist-cpu"]

@@ -11,7 +11,6 @@ import time
 
 from .errors import NeonError
 
-STAGES = ("pretrain", "generate", "finetune", "merge", "evaluate", "tune")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -78,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its own loggers to INFO on import
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     try:
         return _dispatch(args)
     except NeonError as exc:
@@ -99,55 +100,46 @@ def _shutdown_ray() -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from . import storage
     from .config import load_config, to_yaml
     from .storage import ensure_writable
 
     if args.command == "families":
         print(describe_families(args.family))
         return 0
-    cfg = load_config(args.config, args.overrides, args.output)
+    overrides = list(args.overrides)
+    if args.command == "merge" and args.w is not None:
+        overrides.append(f"merge.w={args.w!r}")  # validated with the config, like any other field
+    cfg = load_config(args.config, overrides, args.output)
     if args.command == "show-config":
         print(to_yaml(cfg), end="")
         return 0
+    # Before any stage, Ray or MLflow set-up: the output must take writes and the tracking server must answer.
     ensure_writable(cfg.output, field="output")
     t0 = time.time()
     if args.command in ("ref-stats", "fid"):
         return _score_command(cfg, args)
-    if args.command == "run":
-        from .pipeline import run
+    from . import pipeline
+    from .tracking import check_tracking
 
-        summary = run(cfg, force=args.force)
+    check_tracking(cfg)
+    if args.command == "run":
         from .report import print_summary
 
-        print_summary(summary)
+        print_summary(pipeline.run(cfg, force=args.force), cfg.output)
         return 0
-    if args.command == "pretrain":
-        from .stages.pretrain import pretrain
-
-        manifest = pretrain(cfg, force=args.force)
-    elif args.command == "generate":
-        from .stages.generate import generate
-
-        manifest = generate(cfg, force=args.force)
-    elif args.command == "finetune":
-        from .stages.finetune import finetune
-
-        manifest = finetune(cfg, force=args.force)
-    elif args.command == "merge":
-        from .stages.merge import merge_stage
-
-        manifest = merge_stage(cfg, base=args.base, finetuned=args.finetuned, w=args.w, out=args.out, force=args.force)
-    elif args.command == "evaluate":
-        from .stages.evaluate import evaluate
-
-        manifest = evaluate(cfg, checkpoint=args.checkpoint, force=args.force)
-    elif args.command == "tune":
-        from .stages.tune import tune
-
-        manifest = tune(cfg, force=args.force)
-    else:  # pragma: no cover - argparse restricts the choices
-        raise NeonError(f"unknown command {args.command}")
-    print(json.dumps({"stage": manifest["stage"], "metrics": manifest["metrics"], "outputs": manifest["outputs"],
+    files: dict[str, str] = {}
+    options: dict[str, str] = {}
+    given = {"evaluate": (("base", "--checkpoint"),), "merge": (("base", "--base"), ("finetune", "--finetuned"))}
+    for dependency, flag in given.get(args.command, ()):
+        if path := getattr(args, flag.removeprefix("--")):
+            if not storage.exists(path):
+                raise NeonError(f"{flag}: file not found: {storage.redact_uri(path)}")
+            files[dependency] = path
+    if args.command == "merge" and args.out:
+        options["out"] = args.out
+    manifest = pipeline.run_command(cfg, args.command, force=args.force, files=files, options=options)
+    print(json.dumps({"stage": manifest.stage, "metrics": manifest.metrics, "outputs": manifest.outputs,
                       "wall_seconds": round(time.time() - t0, 1)}, indent=2, default=str))
     return 0
 
@@ -181,13 +173,13 @@ def _score_command(cfg, args: argparse.Namespace) -> int:
     if args.num_shards is not None and args.num_shards < 1:
         raise NeonError(f"--num-shards: must be ≥ 1, got {args.num_shards}")
     if args.command == "ref-stats":
-        from .stages.refstats import ref_stats
+        from .scoring import ref_stats
 
         result = ref_stats(cfg, import_path=args.import_path, feature_space=args.feature_space, num_shards=args.num_shards,
                            force=args.force)
         line = f"reference statistics ({result['state']}): n={result['n']}, {result['feature_space']} → {result['reference']}"
     else:
-        from .stages.evaluate import describe_scores, score_uri
+        from .scoring import describe_scores, score_uri
 
         result = score_uri(cfg, args.samples, num_shards=args.num_shards)
         line = describe_scores(result)

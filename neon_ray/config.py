@@ -1,19 +1,21 @@
 """The typed configuration of a whole run: YAML in/out, `--set a.b=c` overrides, errors naming the field.
 
-One section per stage. Sampler settings are validated by the model family's own sampler schema.
+One section per stage. Every check happens here, once, at load: sampler settings are parsed into the
+model family's own typed schema, model options are checked against the family, w against Neon's rule,
+batch sizes against worker counts, the extractor against the registered ones, the output URI against
+what Ray workers can reach. Stages and actors receive validated, typed values only.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError
 
@@ -22,6 +24,14 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class FieldError(ValueError):
+    """A check across a section's fields, reported at one field (a model validator cannot set the error's location)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 class RayConfig(Section):
@@ -35,6 +45,7 @@ class MLflowConfig(Section):
     tracking_uri: str | None = Field(None, description="null: $MLFLOW_TRACKING_URI, else sqlite:///<output>/mlflow.db")
     experiment: str = "neon-ray"
     run_name: str | None = None
+    registered_model: str | None = Field(None, description="Model Registry name of the best Neon model (null: neon-<data>-<family>-<preset>).")
 
 
 class DataConfig(Section):
@@ -94,6 +105,12 @@ class FinetuneConfig(Section):
     threads_per_worker: int = Field(1, ge=1)
     cache_shard: bool = Field(True, description="Keep each worker's shard of S in memory (encoded) across epochs; false streams it anew every epoch.")
 
+    @model_validator(mode="after")
+    def _check_batch(self) -> "FinetuneConfig":
+        if self.batch_size % self.workers:
+            raise FieldError("batch_size", f"{self.batch_size} is not divisible by finetune.workers={self.workers} (each worker takes an equal micro-batch)")
+        return self
+
 
 class MergeConfig(Section):
     w: float = Field(1.0, description="Extrapolation weight for a standalone `merge` (θ_base − w·(θ_ft − θ_base)).")
@@ -101,7 +118,7 @@ class MergeConfig(Section):
 
     @model_validator(mode="after")
     def _check_w(self) -> "MergeConfig":
-        check_w(self.w, "merge.w", self.allow_negative_w)
+        _check_w(self.w, "w", self.allow_negative_w)
         return self
 
 
@@ -109,18 +126,38 @@ class EvaluateConfig(Section):
     num_samples: int = Field(5000, ge=2, description="Samples per FID evaluation.")
     seed: int = Field(1_000_003, description="Seed stream of evaluation samples (the same for every w).")
     sampler: dict[str, Any] = Field(default_factory=dict, description="Sampler overrides for scoring models, merged over `sampler` (e.g. {score_scale: 1.0}: score every θ with the model's plain sampler while S comes from a biased one). Empty: score with `sampler`.")
-    extractor: str = Field("fmnist-classifier", description="fmnist-classifier, inception-fid-helper (standard FID Inception, offline) or inception-v3-compat (torch-fidelity's, needs extractor_weights).")
+    extractor: str = Field("fmnist-classifier", description="fmnist-classifier, inception-fid-helper (standard FID Inception, offline), inception-v3-compat (torch-fidelity's, needs extractor_weights) or identity (vector data).")
     extractor_weights: str | None = Field(None, description="Local weights file of the extractor (null: the packaged default; never downloaded).")
     reference_split: Literal["train", "test"] = "test"
     reference_cache: str | None = Field(None, description="Folder for cached reference statistics (null: <output>/reference).")
     reference: str | None = Field(None, description="Reference statistics file (.npz from `neon-ray ref-stats`, which also imports ADM/EDM files); null: a file in reference_cache.")
     reference_source: str | None = Field(None, description="Image folder or Parquet set to compute the reference from (null: data.name's reference_split).")
     feature_batch_size: int = Field(500, ge=1, description="Images per extractor call inside a feature actor.")
+    actors: int = Field(2, ge=1, description="Feature-extraction actors (each holds one extractor).")
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per feature actor (fractional: small clusters must not deadlock).")
+    gpus_per_actor: float | None = Field(None, ge=0, description="null: 1 when the cluster has GPUs, else 0.")
+    threads_per_actor: int = Field(1, ge=1, description="torch threads per CPU feature actor.")
     prc: bool = Field(True, description="Also report precision and recall (k-NN manifolds, Kynkäänniemi et al. 2019).")
     prc_k: int = Field(5, ge=1, description="k of the k-NN manifold radii.")
     prc_num_samples: int = Field(5000, ge=2, description="At most this many (seeded) generated samples enter precision/recall.")
     prc_num_reference: int = Field(10000, ge=2, description="At most this many (seeded) reference features are cached for precision/recall.")
     floor: bool = Field(True, description="Also report fid_floor: FID of as many real images (the other split) against the reference.")
+
+    RESOURCES: ClassVar[set[str]] = {"actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor"}
+
+    def scoring_parts(self) -> dict[str, Any]:
+        """The fields that decide a score (not where or how fast it is computed): for config hashes."""
+        return self.model_dump(mode="json", exclude=self.RESOURCES)
+
+    @field_validator("extractor")
+    @classmethod
+    def _known_extractor(cls, name: str) -> str:
+        from .fid.extractors import EXTRACTORS
+
+        known = [e.name for e in EXTRACTORS]
+        if name not in known:
+            raise ValueError(f"unknown feature extractor {name!r}; known: {known}")
+        return name
 
 
 class TuneConfig(Section):
@@ -132,9 +169,11 @@ class TuneConfig(Section):
     @model_validator(mode="after")
     def _check_grid(self) -> "TuneConfig":
         if not self.w_grid:
-            raise ValueError("w_grid must hold at least one value")
+            raise FieldError("w_grid", "must hold at least one value")
         for i, w in enumerate(self.w_grid):
-            check_w(w, f"tune.w_grid[{i}]", self.allow_negative_w)
+            _check_w(w, f"w_grid[{i}]", self.allow_negative_w)
+            if w in self.w_grid[:i]:
+                raise FieldError(f"w_grid[{i}]", f"duplicate value {w} (each w is scored once)")
         return self
 
 
@@ -149,11 +188,14 @@ def _resolve_local(path: str | None, keep_if_missing: bool = False) -> str | Non
     return path if keep_if_missing else here
 
 
-def check_w(w: float, field: str, allow_negative: bool = False) -> None:
-    if not math.isfinite(w):
-        raise ConfigError(f"{field}: w must be finite, got {w}")
-    if not allow_negative and w <= 0:
-        raise ConfigError(f"{field}: w must be > 0 (Neon extrapolates away from the fine-tune), got {w}")
+def _check_w(w: float, field: str, allow_negative: bool) -> None:
+    """Neon's rule for w (neon_ray.merge.check_w), as a pydantic error at `field` of the section."""
+    from .merge import check_w
+
+    try:
+        check_w(w, allow_negative)
+    except ValueError as exc:
+        raise FieldError(field, str(exc)) from None
 
 
 class RunConfig(Section):
@@ -163,7 +205,7 @@ class RunConfig(Section):
     mlflow: MLflowConfig = Field(default_factory=MLflowConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    sampler: dict[str, Any] = Field(default_factory=dict, description="The family's sampler settings (steps, guidance, ...).")
+    sampler: Any = Field(default_factory=dict, description="The family's sampler settings (steps, guidance, ...), parsed into its typed schema.")
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
@@ -171,12 +213,17 @@ class RunConfig(Section):
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
 
+    _scoring_sampler: Any = PrivateAttr(None)
+
     @field_validator("output")
     @classmethod
-    def _strip_output(cls, v: str) -> str:
+    def _check_output(cls, v: str) -> str:
+        from . import storage
+
         v = v.strip()
         if not v:
             raise ValueError("must be a non-empty path or URI")
+        storage.check_shareable(v, "output")
         if "://" not in v:  # Ray workers run in other directories: make local paths absolute
             v = os.path.abspath(os.path.expanduser(v))
         return v.rstrip("/") or "/"
@@ -192,27 +239,31 @@ class RunConfig(Section):
         return self
 
     @model_validator(mode="after")
-    def _check_sampler(self) -> "RunConfig":
+    def _check_model_and_sampler(self) -> "RunConfig":
         # Imported here: the model registry imports torch, which config users should not pay for twice.
         from .models import registry
 
         family = registry.get_family(self.model.family, field="model.family")
         family.check_preset(self.model.preset, field="model.preset")
+        family.check_options(self.model.preset, self.model.options, field="model.options")
         self.sampler = family.validate_sampler(self.sampler, field="sampler")
-        unknown = sorted(set(self.evaluate.sampler) - set(self.sampler))
+        fields = sorted(type(self.sampler).model_fields)
+        unknown = sorted(set(self.evaluate.sampler) - set(fields))
         if unknown:
-            raise ConfigError(f"evaluate.sampler.{unknown[0]}: unknown field (the family's sampler has {sorted(self.sampler)})")
-        family.validate_sampler(self.scoring_sampler(), field="evaluate.sampler")
+            raise ConfigError(f"evaluate.sampler.{unknown[0]}: unknown field (the family's sampler has {fields})")
+        self._scoring_sampler = family.validate_sampler({**self.sampler.model_dump(), **self.evaluate.sampler}, field="evaluate.sampler")
         return self
 
-    def scoring_sampler(self) -> dict[str, Any]:
-        """The sampler settings that score models (evaluate, tune): `sampler` with `evaluate.sampler` merged over it."""
-        return {**self.sampler, **self.evaluate.sampler}
+    def for_workers(self) -> dict[str, Any]:
+        """The config as Ray workers receive it: without the tracking section (only the driver talks to MLflow,
+        and a tracking URI may carry credentials that must not travel or be stored with experiment state)."""
+        data = self.model_dump(mode="json")
+        data["mlflow"] = MLflowConfig(enabled=False).model_dump(mode="json")
+        return data
 
-    def sampler_settings(self):
-        from .models import registry
-
-        return registry.get_family(self.model.family).sampler_schema.model_validate(self.sampler)
+    def scoring_sampler(self):
+        """The typed sampler settings that score models (evaluate, tune): `sampler` with `evaluate.sampler` merged over it."""
+        return self._scoring_sampler
 
 
 # ----------------------------------------------------------------------------------------------
@@ -224,6 +275,8 @@ def _format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     path = ".".join(str(p) for p in err["loc"] if p != "__root__")
     path = f"{prefix}{path}" if path else prefix.rstrip(".") or "config"
     msg = err["msg"].removeprefix("Value error, ")
+    if isinstance(cause := (err.get("ctx") or {}).get("error"), FieldError):
+        path, msg = f"{path}.{cause.field}", str(cause)
     extra = f" (got {err['input']!r})" if err.get("type") not in ("extra_forbidden", "missing") and not isinstance(err.get("input"), dict) else ""
     if err.get("type") == "extra_forbidden":
         msg = "unknown field"
@@ -277,7 +330,7 @@ def load_yaml(path: str | Path) -> dict:
 
 def build_config(data: dict, overrides: list[str] | None = None, output: str | None = None) -> RunConfig:
     data = apply_overrides(dict(data), overrides or [])
-    if output:
+    if output is not None:  # `--output ""` is an error, not "use the config's output"
         data["output"] = output
     try:
         return RunConfig.model_validate(data)

@@ -1,5 +1,9 @@
 """Stage manifests: `<output>/<stage>/manifest.json`, written last; a stage is done iff its manifest exists
-and records the current config hash. Rerunning a finished stage with the same config is a no-op."""
+and records the current config hash. Rerunning a finished stage with the same config is a no-op.
+
+A manifest names the files a stage wrote by their paths relative to the output root (`outputs`), so a
+moved or copied output directory is still complete and consistent; `Manifest.uri` resolves them.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,8 @@ import logging
 import time
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field
+
 from . import __version__, storage
 
 log = logging.getLogger("neon_ray")
@@ -15,72 +21,67 @@ log = logging.getLogger("neon_ray")
 MANIFEST = "manifest.json"
 
 
+class Manifest(BaseModel):
+    """What a finished stage did: its config hash, inputs, outputs (relative to the output root), metrics."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    stage: str
+    config_hash: str
+    inputs: dict[str, Any] = Field(default_factory=dict)
+    outputs: dict[str, str] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    wall_seconds: float = 0.0
+    finished_at: str = ""
+    neon_ray_version: str = __version__
+
+    def uri(self, root: str, key: str) -> str:
+        """The URI of output `key` under the output root `root` (wherever that root now is)."""
+        return storage.resolve(root, self.outputs[key])
+
+
 def stage_uri(output: str, stage: str) -> str:
     return storage.join(output, stage)
 
 
-def read_manifest(stage_dir: str) -> dict[str, Any] | None:
-    uri = storage.join(stage_dir, MANIFEST)
+def read_manifest(output: str, stage: str) -> Manifest | None:
+    uri = storage.join(stage_uri(output, stage), MANIFEST)
     if not storage.exists(uri):
         return None
     try:
-        return storage.read_json(uri)
+        return Manifest.model_validate(storage.read_json(uri))
     except (ValueError, OSError):
         return None  # a torn or foreign file: treat as not done
 
 
-def current_manifest(stage_dir: str, config_hash: str) -> dict[str, Any] | None:
-    man = read_manifest(stage_dir)
-    return man if man and man.get("config_hash") == config_hash else None
-
-
-def invalidate(stage_dir: str) -> None:
-    """Forget a stage's completion before redoing it, so a crash mid-way never leaves it marked done."""
-    uri = storage.join(stage_dir, MANIFEST)
-    if storage.exists(uri):
-        storage.remove(uri)
+def current_manifest(output: str, stage: str, config_hash: str) -> Manifest | None:
+    man = read_manifest(output, stage)
+    return man if man is not None and man.config_hash == config_hash else None
 
 
 class StageRecord:
-    """Collects what a stage reports; `finish` writes the manifest (last)."""
+    """Collects what a running stage reports; `finish` writes the manifest (last)."""
 
-    def __init__(self, stage: str, stage_dir: str, config_hash: str):
-        self.stage, self.dir, self.config_hash = stage, stage_dir, config_hash
+    def __init__(self, stage: str, output: str, config_hash: str):
+        self.stage, self.output, self.config_hash = stage, output, config_hash
+        self.dir = stage_uri(output, stage)
         self.inputs: dict[str, Any] = {}
-        self.outputs: dict[str, Any] = {}
+        self.outputs: dict[str, str] = {}
         self.metrics: dict[str, Any] = {}
         self.params: dict[str, Any] = {}
         self.started = time.time()
+        # Forget an earlier completion before redoing the stage, so a crash mid-way never leaves it marked done.
+        storage.remove(storage.join(self.dir, MANIFEST))
+        storage.makedirs(self.dir)
 
-    def finish(self) -> dict[str, Any]:
-        manifest = {
-            "stage": self.stage,
-            "config_hash": self.config_hash,
-            "inputs": self.inputs,
-            "outputs": self.outputs,
-            "metrics": self.metrics,
-            "params": self.params,
-            "wall_seconds": round(time.time() - self.started, 3),
-            "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "neon_ray_version": __version__,
-        }
-        storage.write_json_atomic(storage.join(self.dir, MANIFEST), manifest)
+    def finish(self) -> Manifest:
+        manifest = Manifest(
+            stage=self.stage, config_hash=self.config_hash,
+            inputs={k: storage.relative(self.output, v) if isinstance(v, str) else v for k, v in self.inputs.items()},
+            outputs={k: storage.relative(self.output, v) for k, v in self.outputs.items()},
+            metrics=self.metrics, params=self.params, wall_seconds=round(time.time() - self.started, 3),
+            finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
+        storage.write_json_atomic(storage.join(self.dir, MANIFEST), manifest.model_dump(mode="json"))
         return manifest
-
-
-def up_to_date(name: str, output: str, config_hash: str, force: bool = False) -> dict[str, Any] | None:
-    """The stage's manifest when it already ran with this config (and `force` is off), else None."""
-    if force:
-        return None
-    done = current_manifest(stage_uri(output, name), config_hash)
-    if done is not None:
-        log.info("%s: up to date (config %s), skipping", name, config_hash)
-    return done
-
-
-def start(name: str, output: str, config_hash: str) -> StageRecord:
-    """Un-mark the stage as complete, create its folder, and start recording."""
-    sdir = stage_uri(output, name)
-    invalidate(sdir)
-    storage.makedirs(sdir)
-    return StageRecord(name, sdir, config_hash)

@@ -22,6 +22,15 @@ from .errors import NeonError
 from .models.checkpoint import StreamingSafetensorsWriter
 
 
+def check_w(w: float, allow_negative: bool = False) -> None:
+    """Neon's rule for w, the one check of it (config fields and `merge_files` both call this): ValueError if broken."""
+    if not math.isfinite(w):
+        raise ValueError(f"w must be finite, got {w}")
+    if w <= 0 and not allow_negative:
+        raise ValueError(f"w must be > 0 (Neon extrapolates away from the fine-tune), got {w}; "
+                         "allow_negative_w permits w ≤ 0 for diagnostics")
+
+
 def neon_tensor(base: torch.Tensor, finetuned: torch.Tensor, w: float) -> torch.Tensor:
     """One tensor of θ_neon. Copies θ_base for non-float tensors and tensors holding non-finite values."""
     if not (base.is_floating_point() or base.is_complex()):
@@ -51,8 +60,10 @@ def _mismatches(base, ft) -> list[str]:
 
 def merge_files(base_path: str, finetuned_path: str, out_path: str, w: float, allow_negative: bool = False) -> dict:
     """Stream θ_neon into `out_path` (a local file). Returns counts of merged and copied tensors."""
-    if not math.isfinite(w) or (w <= 0 and not allow_negative):
-        raise NeonError(f"merge.w: w must be finite and > 0, got {w}")
+    try:
+        check_w(w, allow_negative)
+    except ValueError as exc:
+        raise NeonError(f"merge.w: {exc}") from None
     try:
         base = safe_open(base_path, framework="pt")
         ft = safe_open(finetuned_path, framework="pt")

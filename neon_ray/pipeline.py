@@ -1,8 +1,18 @@
-"""`neon-ray run`: pretrain (built-in models without a checkpoint) → generate → finetune → evaluate → tune.
+"""The stage graph, and running it: `neon-ray run` and every single-stage command.
 
-Finished stages (manifest with the current config hash) are skipped; MLflow gets a parent run with
-one child per stage and per tune trial, the resolved config, a base-vs-Neon sample grid and an
-FID-vs-w plot; `<output>/summary.json` holds the headline numbers.
+    pretrain ──► base ──► generate ──► finetune ──► tune
+                   │                       └──────► merge
+                   └────► evaluate
+
+`base` is θ_base: `model.checkpoint` when set (then pretrain is not part of the run), else the
+pretrain stage's model. A stage's config hash is its own config parts plus the hashes of what it
+needs, so changing anything upstream reruns everything downstream, and nothing else. A stage whose
+manifest records the current hash is skipped. Every stage receives its config section and a
+`StageContext` holding its inputs; no stage imports another.
+
+MLflow: the output's parent run is resumed by every command on that output; each stage that runs
+gets a child run; `<output>/summary.json`, a base-vs-Neon sample grid and an FID-vs-w plot close a
+full run.
 """
 
 from __future__ import annotations
@@ -11,62 +21,171 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
+from types import ModuleType
 
 from . import storage
-from .config import RunConfig, to_yaml
-from .tracking import Tracker
+from .config import RunConfig, fingerprint, to_yaml
+from .context import StageContext
+from .errors import NeonError
+from .manifest import Manifest, current_manifest, read_manifest
+from .runtime.checkpoints import checkpoint_identity
+from .stages import evaluate, finetune, generate, merge, pretrain, tune
+from .tracking import Tracker, redact
 
 log = logging.getLogger("neon_ray")
+BASE = "base"
 
 
-def _stage_plan(cfg: RunConfig):
-    from .stages.evaluate import evaluate
-    from .stages.finetune import finetune
-    from .stages.generate import generate
-    from .stages.pretrain import pretrain
-    from .stages.tune import tune
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    module: ModuleType  # exposes config_parts(cfg) and run(section, ctx) -> Manifest
+    needs: tuple[str, ...]  # dependencies: BASE or other stages
 
-    plan = [] if cfg.model.checkpoint else [("pretrain", pretrain)]
-    return plan + [("generate", generate), ("finetune", finetune), ("evaluate", evaluate), ("tune", tune)]
+
+GRAPH: dict[str, Stage] = {s.name: s for s in (
+    Stage("pretrain", pretrain, ()),
+    Stage("generate", generate, (BASE,)),
+    Stage("finetune", finetune, (BASE, "generate")),
+    Stage("evaluate", evaluate, (BASE,)),
+    Stage("tune", tune, (BASE, "finetune")),
+    Stage("merge", merge, (BASE, "finetune")),
+)}
+PIPELINE = ("pretrain", "generate", "finetune", "evaluate", "tune")
+
+
+def plan(cfg: RunConfig) -> list[str]:
+    """The stages of `neon-ray run`, in order (no pretrain when a base checkpoint is given)."""
+    return [name for name in PIPELINE if name != "pretrain" or not cfg.model.checkpoint]
+
+
+# ----------------------------------------------------------------------------------------------
+# Hashes and inputs
+
+
+def dependency_hash(cfg: RunConfig, dependency: str, files: dict[str, str] | None = None) -> str:
+    files = files or {}
+    if dependency in files:
+        return checkpoint_identity(files[dependency], field=f"--{dependency}")
+    if dependency == BASE:
+        return checkpoint_identity(cfg.model.checkpoint) if cfg.model.checkpoint else f"pretrain:{stage_hash(cfg, 'pretrain')}"
+    return stage_hash(cfg, dependency)
+
+
+def stage_hash(cfg: RunConfig, name: str, files: dict[str, str] | None = None, options: dict | None = None) -> str:
+    stage = GRAPH[name]
+    upstream = [dependency_hash(cfg, dep, files) for dep in stage.needs]
+    return fingerprint(name, *stage.module.config_parts(cfg), *upstream, *([options] if options else []))
+
+
+def require(cfg: RunConfig, name: str) -> Manifest:
+    """The manifest of an upstream stage that is current for this config, or a one-line error saying what to run."""
+    man = read_manifest(cfg.output, name)
+    if man is None or man.config_hash != stage_hash(cfg, name):
+        state = "has not run" if man is None else "is out of date for this config"
+        raise NeonError(f"stage {name} {state} under {storage.redact_uri(cfg.output)}; run `neon-ray {name}` (or `neon-ray run`) first")
+    return man
+
+
+def context(cfg: RunConfig, name: str, files: dict[str, str] | None = None, options: dict | None = None) -> StageContext:
+    """Everything stage `name` needs: its hash and its inputs (upstream stages must be current)."""
+    stage = GRAPH[name]
+    given = dict(files or {})
+    upstream_hashes = {dep: dependency_hash(cfg, dep, given) for dep in stage.needs}
+    inputs, upstream = dict(given), {}
+    for dep in stage.needs:
+        if dep in inputs:
+            continue
+        if dep == BASE:
+            inputs[BASE] = cfg.model.checkpoint or require(cfg, "pretrain").uri(cfg.output, "model")
+        else:
+            upstream[dep] = require(cfg, dep)
+    config_hash = fingerprint(name, *stage.module.config_parts(cfg), *upstream_hashes.values(), *([options] if options else []))
+    return StageContext(cfg=cfg, name=name, config_hash=config_hash, upstream_hashes=upstream_hashes, upstream=upstream,
+                        files=inputs, options=dict(options or {}))
+
+
+# ----------------------------------------------------------------------------------------------
+# Running stages
+
+
+def run_stage(cfg: RunConfig, name: str, tracker: Tracker, force: bool = False, files: dict[str, str] | None = None,
+              options: dict | None = None) -> tuple[Manifest, bool]:
+    """(manifest, skipped): run stage `name` unless its manifest is current for this config."""
+    ctx = context(cfg, name, files, options)
+    if not force and (done := current_manifest(cfg.output, name, ctx.config_hash)) is not None:
+        log.info("%s: up to date (config %s), skipping", name, ctx.config_hash)
+        return done, True
+    ctx.tracker = tracker
+    ctx.run_id = tracker.start_stage(name, ctx.config_hash)
+    try:
+        manifest = GRAPH[name].module.run(getattr(cfg, name), ctx)
+    except BaseException:
+        tracker.end_child(ctx.run_id, ok=False)
+        raise
+    tracker.finish_stage(ctx.run_id, manifest)
+    return manifest, False
+
+
+def write_config(cfg: RunConfig) -> None:
+    """The resolved config beside the outputs (credentials in URIs redacted)."""
+    data = redact(cfg.model_dump(mode="json"))
+    storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"), to_yaml(type(cfg).model_validate(data)).encode())
+
+
+def run_command(cfg: RunConfig, name: str, force: bool = False, files: dict[str, str] | None = None,
+                options: dict | None = None) -> Manifest:
+    """One stage as its own command, tracked in the output's MLflow parent run."""
+    context(cfg, name, files, options)  # upstream checks before any MLflow or Ray set-up
+    tracker = Tracker(cfg)
+    tracker.open()
+    try:
+        manifest, _ = run_stage(cfg, name, tracker, force, files, options)
+    except BaseException:
+        tracker.close(ok=False)
+        raise
+    tracker.close(ok=True)
+    return manifest
 
 
 def run(cfg: RunConfig, force: bool = False) -> dict:
-    storage.write_bytes_atomic(storage.join(cfg.output, "config.yaml"), to_yaml(cfg).encode())
+    """`neon-ray run`: every stage of `plan(cfg)` in order (finished ones skipped), then the summary."""
     tracker = Tracker(cfg)
-    tracker.start_parent()
-    manifests: dict[str, dict] = {}
+    tracker.open()
+    write_config(cfg)
+    manifests: dict[str, Manifest] = {}
     seconds: dict[str, float] = {}
     try:
-        plan = _stage_plan(cfg)
-        for i, (name, fn) in enumerate(plan, 1):
-            log.info("[%d/%d] %s ...", i, len(plan), name)
+        stages = plan(cfg)
+        for i, name in enumerate(stages, 1):
+            log.info("[%d/%d] %s ...", i, len(stages), name)
             t0 = time.time()
-            manifest = fn(cfg, force=force)
+            manifests[name], skipped = run_stage(cfg, name, tracker, force)
             seconds[name] = round(time.time() - t0, 2)
-            skipped = manifest.get("finished_at", "") and (time.time() - t0) < 0.5 * manifest["wall_seconds"]
-            log.info("[%d/%d] %s %s in %.1f s", i, len(plan), name, "up to date" if skipped else "done", seconds[name])
-            manifests[name] = manifest
-            tracker.log_stage(manifest, skipped=bool(skipped))
+            log.info("[%d/%d] %s %s in %.1f s", i, len(stages), name, "up to date" if skipped else "done", seconds[name])
         summary = _summary(cfg, manifests, seconds, tracker)
         with tempfile.TemporaryDirectory(prefix="neon-report-") as tmp:
             images = _images(cfg, manifests, summary, tmp)
             storage.write_json_atomic(storage.join(cfg.output, "summary.json"), summary)
-            tracker.finish(summary, images)
-        return summary
+            tracker.log_summary(summary, images)
     except BaseException:
-        tracker.fail()
+        tracker.close(ok=False)
         raise
+    tracker.close(ok=True)
+    return summary
 
 
-def _summary(cfg: RunConfig, m: dict[str, dict], seconds: dict[str, float], tracker: Tracker) -> dict:
-    ev, tu, ft, gen = m["evaluate"]["metrics"], m["tune"]["metrics"], m["finetune"]["metrics"], m["generate"]["metrics"]
+def _summary(cfg: RunConfig, m: dict[str, Manifest], seconds: dict[str, float], tracker: Tracker) -> dict:
+    """The headline numbers; files are named relative to the output root."""
+    ev, tu, ft, gen = m["evaluate"].metrics, m["tune"].metrics, m["finetune"].metrics, m["generate"].metrics
     best = next((t for t in tu["trials"] if t["w"] == tu["best_w"]), {})
     return {
         "dataset": cfg.data.name,
         "model": f"{cfg.model.family}/{cfg.model.preset}",
-        "sampler": dict(cfg.sampler),
-        "guidance": cfg.sampler.get("guidance"),
-        "scoring_sampler": cfg.scoring_sampler(),
+        "sampler": cfg.sampler.model_dump(mode="json"),
+        "guidance": getattr(cfg.sampler, "guidance", None),
+        "scoring_sampler": cfg.scoring_sampler().model_dump(mode="json"),
         "fid_base": ev["fid"],
         "fid_neon": tu["best_fid"],
         "best_w": tu["best_w"],
@@ -83,25 +202,26 @@ def _summary(cfg: RunConfig, m: dict[str, dict], seconds: dict[str, float], trac
         "extra_compute_fraction": ft["extra_compute_fraction"],
         "trials": tu["trials"],
         "stage_seconds": seconds,
-        "stage_wall_seconds": {k: v["wall_seconds"] for k, v in m.items()},
-        "best_model": m["tune"]["outputs"]["best_model"],
-        "summary_uri": storage.join(cfg.output, "summary.json"),
+        "stage_wall_seconds": {k: v.wall_seconds for k, v in m.items()},
+        "best_model": m["tune"].outputs["best_model"],
+        "registered_model": {k: m["tune"].params[f"registered_{k}"] for k in ("model", "version")}
+        if "registered_model" in m["tune"].params else None,
         "mlflow_ui": tracker.ui_hint(),
     }
 
 
-def _images(cfg: RunConfig, m: dict[str, dict], summary: dict, tmp: str) -> dict[str, str]:
+def _images(cfg: RunConfig, m: dict[str, Manifest], summary: dict, tmp: str) -> dict[str, str]:
     """Render the comparison grid and the FID-vs-w plot into `tmp`; upload both next to summary.json."""
     from .report import save_comparison_grid, save_fid_plot
-    from .stages.common import dataset_of
+    from .runtime.checkpoints import dataset_of
 
-    out = {}
-    title = f"{summary['model']}, {cfg.sampler}"
-    grid = save_comparison_grid(m["evaluate"]["outputs"]["samples"], m["tune"]["outputs"]["best_samples"],
+    title = f"{summary['model']}, " + ", ".join(f"{k}={v}" for k, v in summary["sampler"].items())
+    grid = save_comparison_grid(m["evaluate"].uri(cfg.output, "samples"), m["tune"].uri(cfg.output, "best_samples"),
                                 os.path.join(tmp, "samples_base_vs_neon.png"),
                                 f"base FID {summary['fid_base']:.3f}  vs  Neon w={summary['best_w']:.3g} FID {summary['fid_neon']:.3f}",
                                 kind=dataset_of(cfg).kind)
     plot = save_fid_plot(summary["trials"], summary["fid_base"], os.path.join(tmp, "fid_vs_w.png"), title)
+    out = {}
     for name, path in (("samples_base_vs_neon.png", grid), ("fid_vs_w.png", plot)):
         storage.upload_file_atomic(path, storage.join(cfg.output, name))
         out[name] = path

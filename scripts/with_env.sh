@@ -1,21 +1,12 @@
 #!/usr/bin/env bash
 # Run a command inside the project's environment, setting it up first when needed:
-#   the pinned venv (scripts/setup_env.sh), this checkout installed editable (console script
-#   `neon-ray`), and Fashion-MNIST from Debian's dataset-fashion-mnist where apt-get is usable.
+#   the pinned venv (scripts/setup_env.sh, shared by every clone), this checkout first on PYTHONPATH, and
+#   Fashion-MNIST from Debian's dataset-fashion-mnist where apt-get is usable.
+# The venv holds the dependencies only, never a checkout: each call puts its own checkout on PYTHONPATH
+# (Ray workers inherit it), so several clones use one venv at the same time without re-installing anything.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=$(bash "$root/scripts/setup_env.sh")
-py="$venv/bin/python"
-
-# This checkout, installed editable (cheap check first: the venv is shared by every clone).
-# -I and cd /: ask where the *installed* neon_ray lives, not the one the current directory would
-# shadow it with (the console script `neon-ray` never sees the current directory).
-where=$(cd / && "$py" -I -c 'import neon_ray, os; print(os.path.dirname(os.path.dirname(os.path.abspath(neon_ray.__file__))))' 2>/dev/null || true)
-if [ "$where" != "$root" ] || [ ! -x "$venv/bin/neon-ray" ]; then
-  echo "[setup] installing $root into $venv (editable)" >&2
-  "$py" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$root" >/dev/null 2>&1 \
-    || "$py" -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e "$root"
-fi
 
 # Fashion-MNIST: Debian's package when possible; otherwise neon-ray downloads it on first use.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
@@ -24,5 +15,5 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && [ "$
     || echo "[setup] apt-get could not install dataset-fashion-mnist; it will be downloaded on first use" >&2
 fi
 
-export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv"
+export PATH="$venv/bin:$PATH" VIRTUAL_ENV="$venv" PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 exec "$@"

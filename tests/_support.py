@@ -17,8 +17,16 @@ def tiny_config(output: Path, *overrides: str):
     return load_config(TINY, list(overrides), str(output))
 
 
+def cli_env(env: dict | None = None) -> dict:
+    """The environment of a `neon-ray` subprocess: this checkout first on PYTHONPATH, as scripts/with_env.sh sets it."""
+    merged = {**os.environ, **(env or {})}
+    paths = [p for p in merged.get("PYTHONPATH", "").split(os.pathsep) if p]
+    merged["PYTHONPATH"] = os.pathsep.join(paths + ([] if str(ROOT) in paths else [str(ROOT)]))
+    return merged
+
+
 def neon_ray_cli(*args: str, timeout: int = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Run the installed console script as a user would."""
+    """Run the `neon-ray` command (the venv's launcher, `python -m neon_ray`) as a user would."""
     exe = Path(sys.executable).with_name("neon-ray")
-    return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, **(env or {})})
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "neon_ray"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=cli_env(env))

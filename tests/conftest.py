@@ -28,10 +28,10 @@ def tiny_checkpoint(tmp_path):
     import torch
 
     from neon_ray.models.checkpoint import save_checkpoint
-    from neon_ray.stages.common import family_of
+    from neon_ray.runtime.checkpoints import family_for, spec_of
 
     cfg = tiny_config(tmp_path / "out")
-    family = family_of(cfg)
+    family = family_for(spec_of(cfg))
     torch.manual_seed(0)
     net = family.build()
     path = tmp_path / "base.safetensors"
@@ -48,3 +48,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A real S3-protocol server (moto) on loopback, with IAM-checked credentials (see tests/_servers.py)."""
+    from _servers import start_s3
+
+    server = start_s3()
+    yield server
+    server.stop()

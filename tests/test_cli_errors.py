@@ -9,13 +9,14 @@ import pytest
 from _support import TINY, neon_ray_cli
 
 
-def _assert_one_line_error(proc, *needles: str) -> None:
-    assert proc.returncode != 0, proc.stdout + proc.stderr
+def _assert_one_line_error(proc, *needles: str) -> str:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = [l for l in proc.stderr.strip().splitlines() if l.startswith("neon-ray: error:")]
     assert len(lines) == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
     for needle in needles:
         assert needle in lines[0], lines[0]
+    return lines[0]
 
 
 def _no_manifests(out: Path) -> None:
@@ -137,4 +138,51 @@ def test_checkpoint_for_another_resolution_or_channel_count(tmp_path, image_shap
     save_checkpoint(str(path), family.build().state_dict(), family.spec, train_images=1000)
     proc = neon_ray_cli("generate", str(CONFIGS / "tiny_dit.yaml"), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={path}")
     _assert_one_line_error(proc, "model.checkpoint", needle, "(1, 28, 28)")
+    _no_manifests(tmp_path / "o")
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["--set", "evaluate.extractor=inception-v9"], ["evaluate.extractor", "inception-v9", "known"]),
+    (["--set", "finetune.batch_size=9"], ["finetune.batch_size", "not divisible by finetune.workers=2"]),
+    (["--set", "tune.w_grid=[0.5, 1.0, 0.5]"], ["tune.w_grid[2]", "duplicate"]),
+    (["--set", "tune.w_grid=[0.5, -1]"], ["tune.w_grid[1]", "w must be > 0"]),
+    (["--set", "model.options={widht: 3}"], ["model.options.widht", "unknown option"]),
+])
+def test_config_errors_stop_before_anything_is_set_up(tmp_path, args, needles):
+    """Checked once, at load: not after earlier stages ran, and before the output or MLflow is touched."""
+    proc = neon_ray_cli("run", str(TINY), "--output", str(tmp_path / "o"), *args)
+    _assert_one_line_error(proc, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_reference_file_is_not_computed_into_place(tmp_path, tiny_checkpoint):
+    ref = tmp_path / "published.npz"
+    proc = neon_ray_cli("evaluate", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={tiny_checkpoint}",
+                        "--set", f"evaluate.reference={ref}", "--set", "mlflow.enabled=false")
+    _assert_one_line_error(proc, "evaluate.reference", "not found", str(ref), "ref-stats")
+    assert not ref.exists()
+    _no_manifests(tmp_path / "o")
+
+
+class NotATensor:
+    """Any class: torch.save pickles it, and a weights-only load must refuse it."""
+
+
+def test_pickled_checkpoint_is_refused_with_how_to_convert(tmp_path):
+    import torch
+
+    bad = tmp_path / "model.pt"
+    torch.save({"weight": torch.zeros(2), "extra": NotATensor()}, bad)
+    proc = neon_ray_cli("generate", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={bad}")
+    line = _assert_one_line_error(proc, str(bad), "pickled", "never unpickles", "safetensors")
+    assert "weights_only=False" not in line
+    _no_manifests(tmp_path / "o")
+
+
+def test_tracking_server_that_does_not_answer_stops_before_any_work(tmp_path):
+    from _servers import free_port
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    proc = neon_ray_cli("run", str(TINY), "--output", str(tmp_path / "o"), env={"MLFLOW_TRACKING_URI": uri})
+    _assert_one_line_error(proc, "MLFLOW_TRACKING_URI", uri, "mlflow.enabled=false")
     _no_manifests(tmp_path / "o")

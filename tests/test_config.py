@@ -16,13 +16,13 @@ def test_tiny_config_loads_and_round_trips(tmp_path):
     again = RunConfig.model_validate(yaml.safe_load(to_yaml(cfg)))
     assert again == cfg
     assert cfg.output == str(tmp_path)
-    assert cfg.sampler["guidance"] == 2.0 and cfg.sampler["eta"] == 0.0  # family defaults filled in
+    assert cfg.sampler.guidance == 2.0 and cfg.sampler.eta == 0.0  # family defaults filled in, typed
 
 
 def test_overrides_parse_yaml_values(tmp_path):
     cfg = load_config(TINY, ["finetune.lr=3e-5", "tune.w_grid=[0.1, 0.2]", "sampler.guidance=1.5", "mlflow.enabled=false"], str(tmp_path))
     assert cfg.finetune.lr == 3e-5 and cfg.tune.w_grid == [0.1, 0.2]
-    assert cfg.sampler["guidance"] == 1.5 and cfg.mlflow.enabled is False
+    assert cfg.sampler.guidance == 1.5 and cfg.mlflow.enabled is False
 
 
 def test_relative_output_becomes_absolute():
@@ -68,5 +68,5 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
 
 def test_scoring_sampler_merges_evaluate_overrides(tmp_path):
     cfg = load_config(TINY, ["evaluate.sampler={guidance: 1.0}"], str(tmp_path))
-    assert cfg.sampler["guidance"] == 2.0 and cfg.scoring_sampler() == {**cfg.sampler, "guidance": 1.0}
+    assert cfg.sampler.guidance == 2.0 and cfg.scoring_sampler() == cfg.sampler.model_copy(update={"guidance": 1.0})
     assert load_config(TINY, [], str(tmp_path)).scoring_sampler() == cfg.sampler

@@ -87,18 +87,18 @@ def two_sets():
 
 @pytest.mark.parametrize("shards", [1, 2, 7])
 def test_sharded_fid_equals_torch_fidelity_single_process(ray_local, tmp_path, two_sets, shards):
-    from neon_ray.fid.distributed import extract
+    from neon_ray.runtime.features import extract
     from neon_ray.fid.extractors import feature_space
     from neon_ray.fid.prc import keep_mask
-    from neon_ray.fid.sources import encoded_set
+    from neon_ray.runtime.samplesets import encoded_set
 
     cfg = tiny_config(tmp_path)
     codec = get_dataset("fashion_mnist").codec
     space, fp = feature_space(FMNIST_CLASSIFIER, None), fingerprint(FMNIST_CLASSIFIER, None)
     (a, ya), (b, yb), fid_torch_fidelity = two_sets
     keep = keep_mask(len(a), 50, seed=3)
-    pa_ = extract(encoded_set(a, ya, codec, "a"), FMNIST_CLASSIFIER, None, space, fp, cfg.generate, 64, num_shards=shards, keep=keep)
-    pb = extract(encoded_set(b, yb, codec, "b"), FMNIST_CLASSIFIER, None, space, fp, cfg.generate, 64, num_shards=shards)
+    pa_ = extract(encoded_set(a, ya, codec, "a"), FMNIST_CLASSIFIER, None, space, fp, cfg.evaluate, 64, num_shards=shards, keep=keep)
+    pb = extract(encoded_set(b, yb, codec, "b"), FMNIST_CLASSIFIER, None, space, fp, cfg.evaluate, 64, num_shards=shards)
     assert pa_.stats.n == 300 and pa_.consistency > 0.85  # the classifier agrees with real labels
     assert frechet_distance(pa_.stats, pb.stats) == pytest.approx(fid_torch_fidelity, rel=1e-6)
     assert fid_torch_fidelity > 1.0 and abs(frechet_distance(pa_.stats, pa_.stats)) < 1e-6

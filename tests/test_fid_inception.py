@@ -34,7 +34,7 @@ def _sets():
 
 @pytest.mark.slow  # 25-40 s on the shared 2-core CPU (Inception at ~5 images/s)
 def test_fid_helper_inception_scores_a_small_set_offline(ray_local, tmp_path):
-    from neon_ray.stages.evaluate import compute_reference, reference_features, score_samples
+    from neon_ray.scoring import compute_reference, reference_features, score_samples
 
     real, bright = _sets()
     cfg = tiny_config(tmp_path / "out", f"evaluate.extractor={INCEPTION_FID_HELPER}", "evaluate.floor=false", "evaluate.prc_k=3",

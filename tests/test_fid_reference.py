@@ -16,7 +16,7 @@ from neon_ray.data import get_dataset
 from neon_ray.errors import NeonError
 from neon_ray.fid.extractors import INCEPTION_SPACE
 from neon_ray.fid.prc import keep_mask, knn_radii, precision_recall
-from neon_ray.fid.sources import open_samples
+from neon_ray.runtime.samplesets import open_samples
 from neon_ray.fid.stats import Statistics, frechet_distance, import_published
 
 from _support import TINY, neon_ray_cli, tiny_config

@@ -11,7 +11,7 @@ import torch
 from neon_ray.errors import NeonError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.checkpoint import check_state_dict
-from neon_ray.training import balanced_labels, sample_seeds
+from neon_ray.runtime.seeds import balanced_labels, sample_seeds
 
 
 def test_model_math_imports_no_distributed_stack():

@@ -9,7 +9,7 @@ from neon_ray.errors import ConfigError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.autoregressive import dequantize, filter_logits, inverse_cdf, quantize
 from neon_ray.data.codec import CODECS
-from neon_ray.training import balanced_labels, sample_seeds
+from neon_ray.runtime.seeds import balanced_labels, sample_seeds
 
 SHAPE = (1, 6, 5)  # 30 tokens: small enough to sample in milliseconds
 

@@ -237,7 +237,7 @@ def test_config_errors_name_the_field():
         F_(ModelSpec("diffusion", "DiT-S/8", (1, 28, 28), 10))
     with pytest.raises(ConfigError, match=r"^model\.options\.depthh: unknown option"):
         F_(ModelSpec("diffusion", "dit-tiny", (1, 28, 28), 10, {"depthh": 3}))
-    with pytest.raises(ConfigError, match=r"^model\.options\.depth: unknown option for the unet preset"):
+    with pytest.raises(ConfigError, match=r"^model\.options\.depth: unknown option for diffusion preset 'unet-tiny'"):
         F_(ModelSpec("diffusion", "unet-tiny", (1, 28, 28), 10, {"depth": 3}))
     with pytest.raises(ConfigError, match=r"^model\.options\.schedule: unknown schedule 'quad'"):
         F_(ModelSpec("diffusion", "dit-tiny", (1, 28, 28), 10, {"schedule": "quad"}))
@@ -245,7 +245,7 @@ def test_config_errors_name_the_field():
         F_.validate_sampler({"steps": 0})
     with pytest.raises(ConfigError, match=r"^sampler\.guidance: "):
         F_.validate_sampler({"guidance": -1})
-    assert F_.validate_sampler({"compile": True})["compile"] is True
+    assert F_.validate_sampler({"compile": True}).compile is True
 
 
 def test_presets_cover_the_dit_table():

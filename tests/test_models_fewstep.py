@@ -8,7 +8,7 @@ import torch
 from neon_ray.errors import ConfigError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.fewstep import karras_sigmas
-from neon_ray.training import balanced_labels, sample_seeds
+from neon_ray.runtime.seeds import balanced_labels, sample_seeds
 
 SHAPE = (1, 12, 12)
 

@@ -7,7 +7,7 @@ import torch
 
 from neon_ray.errors import ConfigError
 from neon_ray.models import ModelSpec, get_family
-from neon_ray.training import sample_seeds
+from neon_ray.runtime.seeds import sample_seeds
 
 TARGET = torch.tensor([[2.0, 1.0], [1.0, 2.0]])  # App. B: N(0, [[2, 1], [1, 2]])
 

@@ -24,7 +24,7 @@ def test_checkpoint_matches_its_record():
 @pytest.mark.slow
 def test_base_samples_are_recognisable_at_cfg_1(ray_local, tmp_path):
     """≥ 80% of the base's CFG-1 samples are classified as their conditioning class (500 samples)."""
-    from neon_ray.stages.evaluate import reference_statistics, score_checkpoint
+    from neon_ray.scoring import reference_statistics, score_checkpoint
 
     cfg = tiny_config(tmp_path / "out", f"model.checkpoint={CKPT}", "model.preset=unet-p2s", "sampler.steps=10",
                       "sampler.guidance=1.0", "evaluate.num_samples=500", "evaluate.feature_batch_size=250",

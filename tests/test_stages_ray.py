@@ -9,15 +9,19 @@ from safetensors.torch import load_file
 
 from neon_ray.errors import NeonError
 from neon_ray.manifest import read_manifest
-from neon_ray.sampling import read_samples, sample_to_parquet
+from neon_ray.pipeline import run_command
+from neon_ray.runtime.checkpoints import spec_of
+from neon_ray.runtime.samplesets import read_samples
+from neon_ray.runtime.sampling import sample_to_parquet
 
 from _support import tiny_config
 
 
 def test_generated_images_identical_with_1_and_2_actors(ray_local, tmp_path, tiny_checkpoint):
     cfg = tiny_config(tmp_path / "out", f"model.checkpoint={tiny_checkpoint}", "generate.batch_size=5")
-    one = sample_to_parquet(cfg, str(tiny_checkpoint), 15, 7, "synthetic", str(tmp_path / "one"), actors=1)
-    two = sample_to_parquet(cfg, str(tiny_checkpoint), 15, 7, "synthetic", str(tmp_path / "two"), actors=2)
+    args = (spec_of(cfg), str(tiny_checkpoint), cfg.sampler, "image", 15, 7, "synthetic")
+    one = sample_to_parquet(*args, str(tmp_path / "one"), cfg.generate, actors=1)
+    two = sample_to_parquet(*args, str(tmp_path / "two"), cfg.generate, actors=2)
     t1, t2 = read_samples(one["uri"]), read_samples(two["uri"])
     assert t1.column("index").to_pylist() == list(range(15))
     for col in ("index", "label", "seed", "png"):
@@ -28,33 +32,29 @@ def test_generated_images_identical_with_1_and_2_actors(ray_local, tmp_path, tin
 
 @pytest.mark.slow
 def test_deepspeed_zero2_bf16_finetune_under_torchtrainer(ray_local, tmp_path, tiny_checkpoint):
-    from neon_ray.stages.finetune import finetune
-    from neon_ray.stages.generate import generate
-
     cfg = tiny_config(tmp_path / "out", f"model.checkpoint={tiny_checkpoint}", "generate.num_samples=24",
                       "finetune.zero_stage=2", "finetune.bf16=true", "finetune.workers=2", "finetune.batch_size=8",
-                      "finetune.budget_images=24", "finetune.lr=1e-3")
-    gen = generate(cfg)
-    assert gen["metrics"]["n_synthetic"] == 24
-    assert generate(cfg)["finished_at"] == gen["finished_at"]  # rerun: skipped, same manifest
-    man = finetune(cfg)
-    base, tuned = load_file(str(tiny_checkpoint)), load_file(man["outputs"]["model"])
+                      "finetune.budget_images=24", "finetune.lr=1e-3", "mlflow.enabled=false")
+    gen = run_command(cfg, "generate")
+    assert gen.metrics["n_synthetic"] == 24
+    assert run_command(cfg, "generate").finished_at == gen.finished_at  # rerun: skipped, same manifest
+    man = run_command(cfg, "finetune")
+    assert man.outputs["model"] == "finetune/model.safetensors"  # relative to the output root
+    base, tuned = load_file(str(tiny_checkpoint)), load_file(man.uri(cfg.output, "model"))
     assert set(base) == set(tuned)
     assert all(t.dtype.is_floating_point and t.dtype == base[k].dtype for k, t in tuned.items())
     changed = sum(int(not (tuned[k] == base[k]).all()) for k in base)
     assert changed > len(base) // 2  # the optimiser moved the weights (fp32 master copy, not bf16-rounded)
-    m = man["metrics"]
+    m = man.metrics
     assert m["finetune_images"] == 24 and m["steps"] == 3
     assert m["extra_compute_fraction"] == pytest.approx(24 / 10_000)
-    assert read_manifest(str(tmp_path / "out" / "finetune"))["config_hash"] == man["config_hash"]
+    assert read_manifest(str(tmp_path / "out"), "finetune").config_hash == man.config_hash
+    assert (tmp_path / "out" / "finetune" / "ray").is_dir()  # Ray Train's run state lives on the output
 
 
 def test_empty_synthetic_set_is_refused_and_stage_not_marked_done(ray_local, tmp_path, tiny_checkpoint):
-    from neon_ray.stages.finetune import finetune
-    from neon_ray.stages.generate import generate
-
-    cfg = tiny_config(tmp_path / "out", f"model.checkpoint={tiny_checkpoint}", "generate.num_samples=4")
-    samples = generate(cfg)["outputs"]["samples"]
+    cfg = tiny_config(tmp_path / "out", f"model.checkpoint={tiny_checkpoint}", "generate.num_samples=4", "mlflow.enabled=false")
+    samples = run_command(cfg, "generate").uri(cfg.output, "samples")
     schema = read_samples(samples).schema
     import shutil
 
@@ -62,5 +62,5 @@ def test_empty_synthetic_set_is_refused_and_stage_not_marked_done(ray_local, tmp
     (tmp_path / "out" / "generate" / "samples").mkdir()
     pq.write_table(pa.Table.from_batches([], schema=schema), str(tmp_path / "out" / "generate" / "samples" / "empty.parquet"))
     with pytest.raises(NeonError, match="empty synthetic set"):
-        finetune(cfg)
-    assert read_manifest(str(tmp_path / "out" / "finetune")) is None
+        run_command(cfg, "finetune")
+    assert read_manifest(str(tmp_path / "out"), "finetune") is None

@@ -1,1 +1,1 @@
-"""Ray Tune search spaces and experiments for Neon's w (and, later, the CFG scale)."""
+"""The search for Neon's w with Ray Tune: search spaces, the trial, the MLflow callback, running a search."""

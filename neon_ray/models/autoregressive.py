@@ -20,6 +20,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from .base import ModelFamily, SamplerSettings
+from .guidance import classifier_free_guidance, tile
 from .registry import register_family
 
 
@@ -241,13 +242,8 @@ class AutoregressiveFamily(ModelFamily):
 
     def _next_logits(self, net, cache, prev, labels, guidance):
         """Guided logits (B, V) of the next token; conditional and unconditional rows share one forward."""
-        null = torch.full_like(labels, self.spec.num_classes)
-        if guidance == 1.0:
-            return net(prev, labels, cache)[:, -1].float()
-        if guidance == 0.0:
-            return net(prev, null, cache)[:, -1].float()
-        l_c, l_u = net(prev.repeat(2, 1), torch.cat([labels, null]), cache)[:, -1].float().chunk(2)
-        return l_u + guidance * (l_c - l_u)
+        return classifier_free_guidance(lambda y, k: net(tile(prev, k), y, cache)[:, -1].float(), labels,
+                                        self.spec.num_classes, guidance)[0]
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):

@@ -12,9 +12,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..errors import ConfigError, NeonError
+from ..errors import NeonError
 from .base import ModelFamily, ModelSpec, SamplerSettings
 from .dit import DIT_PRESETS, DiT, check_patch_fits
+from .guidance import classifier_free_guidance, tile
 from .unet import UNet
 
 # U-Net sizes (a small ADM-style U-Net, see unet.py); `patch` pixel-unshuffles p×p patches into channels.
@@ -51,7 +52,6 @@ class DenoiserFamily(ModelFamily):
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
-        self._check_options(spec.options)
         h = self.hparams
         self.latent = None
         if h.get("vae"):
@@ -64,12 +64,10 @@ class DenoiserFamily(ModelFamily):
         self.learn_sigma = bool(h.get("learn_sigma", False))
         self._compiled: tuple[nn.Module, nn.Module] | None = None
 
-    def _check_options(self, options: dict[str, Any]) -> None:
-        backbone = self.hparams["backbone"]
-        known = (UNET_FIELDS if backbone == "unet" else DIT_FIELDS) | LATENT_FIELDS | self.family_fields
-        for key in options:
-            if key not in known:
-                raise ConfigError(f"model.options.{key}: unknown option for the {backbone} preset {self.spec.preset!r}; known: {sorted(known)}")
+    @classmethod
+    def option_fields(cls, preset: str) -> set[str]:
+        backbone = cls.presets[preset]["backbone"]
+        return (UNET_FIELDS if backbone == "unet" else DIT_FIELDS) | LATENT_FIELDS | cls.family_fields
 
     # -- network -------------------------------------------------------------------------------
     def build(self) -> nn.Module:
@@ -128,22 +126,11 @@ class DenoiserFamily(ModelFamily):
         return torch.stack([torch.randn(self.data_shape, generator=g) for g in generators]).to(device)
 
     def guided(self, net: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor, guidance: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(CFG-combined prediction on the first C channels, the conditional pass's extra channels or None).
-
-        γ = 1: conditional only; γ = 0: unconditional only; otherwise both passes batched in one forward
-        and combined as out_u + γ(out_c − out_u) (Ho & Salimans 2022).
-        """
+        """(CFG-combined prediction on the first C channels, the conditional pass's extra channels or None)."""
         c = x.shape[1]
-        if guidance == 1.0:
-            out = net(x, t, labels).float()
-        elif guidance == 0.0:
-            out = net(x, t, torch.full_like(labels, self.spec.num_classes)).float()
-        else:
-            null = torch.full_like(labels, self.spec.num_classes)
-            out_c, out_u = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null])).float().chunk(2)
-            guided = out_u[:, :c] + guidance * (out_c[:, :c] - out_u[:, :c])
-            return guided, (out_c[:, c:] if out_c.shape[1] > c else None)
-        return out[:, :c], (out[:, c:] if out.shape[1] > c else None)
+        out, cond = classifier_free_guidance(lambda y, k: net(tile(x, k), tile(t, k), y).float(), labels,
+                                             self.spec.num_classes, guidance)
+        return out[:, :c], (cond[:, c:] if cond.shape[1] > c else None)
 
 
 class DenoiserSampler(SamplerSettings):

@@ -52,6 +52,7 @@ class ModelFamily(ABC):
 
     def __init__(self, spec: ModelSpec):
         self.check_preset(spec.preset, field="model.preset")
+        self.check_options(spec.preset, spec.options)
         self.spec = spec
         self.hparams = {**self.presets[spec.preset], **spec.options}
 
@@ -62,14 +63,30 @@ class ModelFamily(ABC):
             raise ConfigError(f"{field}: unknown preset {preset!r} for family {cls.name!r}; choose one of {sorted(cls.presets)}")
 
     @classmethod
+    def option_fields(cls, preset: str) -> set[str]:
+        """The `model.options` keys this family reads for `preset` (default: the preset's own fields)."""
+        return set(cls.presets[preset])
+
+    @classmethod
+    def check_options(cls, preset: str, options: dict[str, Any], field: str = "model.options") -> None:
+        """Every option must be one the family reads: a misspelt option is an error, never silently dropped."""
+        known = cls.option_fields(preset)
+        for key in options:
+            if key not in known:
+                raise ConfigError(f"{field}.{key}: unknown option for {cls.name} preset {preset!r}; known: {sorted(known)}")
+
+    @classmethod
     def sampler_settings(cls, settings: SamplerSettings | dict[str, Any]) -> SamplerSettings:
         """`settings` as this family's sampler schema (a dict from a config or Parquet metadata is validated)."""
         return settings if isinstance(settings, cls.sampler_schema) else cls.sampler_schema.model_validate(settings)
 
     @classmethod
-    def validate_sampler(cls, settings: dict[str, Any], field: str = "sampler") -> dict[str, Any]:
+    def validate_sampler(cls, settings: dict[str, Any] | SamplerSettings, field: str = "sampler") -> SamplerSettings:
+        """`settings` parsed into this family's typed sampler schema; a bad field is a one-line error naming it."""
+        if isinstance(settings, cls.sampler_schema):
+            return settings
         try:
-            return cls.sampler_schema.model_validate(settings or {}).model_dump()
+            return cls.sampler_schema.model_validate(settings or {})
         except ValidationError as exc:
             err = exc.errors()[0]
             loc = ".".join(str(p) for p in err["loc"])

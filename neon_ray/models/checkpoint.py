@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import struct
 import tempfile
 from collections.abc import Iterable
@@ -77,6 +78,10 @@ def load_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
             return tensors, meta
         except NeonError:
             raise
+        except pickle.UnpicklingError:
+            raise NeonError(f"checkpoint {uri} holds pickled Python objects, and neon-ray never unpickles files; convert it once, "
+                            "where you trust it, to a state dict of tensors saved with safetensors.torch.save_file (or with "
+                            "torch.save of plain tensors), and point model.checkpoint at that file") from None
         except Exception as exc:  # noqa: BLE001
             raise NeonError(f"unreadable checkpoint {uri}: {type(exc).__name__}: {str(exc)[:200]}") from None
 

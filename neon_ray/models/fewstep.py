@@ -32,6 +32,7 @@ from pydantic import Field
 from torch import nn
 
 from .base import ModelFamily, SamplerSettings
+from .guidance import classifier_free_guidance, tile
 from .registry import register_family
 from .unet import UNet
 
@@ -133,13 +134,8 @@ class FewStepFamily(ModelFamily):
 
     def _denoise(self, net, x, sigma, labels, guidance):
         sig = torch.full((x.shape[0],), sigma, device=x.device)
-        null = torch.full_like(labels, self.spec.num_classes)
-        if guidance == 1.0:
-            return net(x, sig, labels).float()
-        if guidance == 0.0:
-            return net(x, sig, null).float()
-        f_c, f_u = net(torch.cat([x, x]), torch.cat([sig, sig]), torch.cat([labels, null])).float().chunk(2)
-        return f_u + guidance * (f_c - f_u)
+        return classifier_free_guidance(lambda y, k: net(tile(x, k), tile(sig, k), y).float(), labels,
+                                        self.spec.num_classes, guidance)[0]
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):

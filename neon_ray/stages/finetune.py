@@ -10,51 +10,42 @@ from __future__ import annotations
 import logging
 import math
 import os
-import tempfile
 import time
 
 import numpy as np
 import torch
 
 from .. import storage
-from ..cluster import ensure_ray, resolve_use_gpu
-from ..config import RunConfig, fingerprint
+from ..config import FinetuneConfig, RunConfig
+from ..context import StageContext
 from ..errors import NeonError
-from ..manifest import start, up_to_date
+from ..manifest import Manifest
 from ..models.checkpoint import save_checkpoint
-from ..training import progress, derive_seed, linear_warmup
-from .common import base_checkpoint_uri, base_identity, dataset_of, require_stage, set_torch_threads, train_images_of
+from ..runtime.checkpoints import dataset_of, load_model, set_torch_threads, spec_of, train_images_of
+from ..runtime.cluster import ensure_ray, ray_storage, resolve_use_gpu
+from ..runtime.progress import Progress
+from ..runtime.seeds import derive_seed
+from ..training import linear_warmup
 
 log = logging.getLogger("neon_ray")
-STAGE = "finetune"
 MODEL = "model.safetensors"
 
 
-def config_hash(cfg: RunConfig) -> str:
-    from .generate import config_hash as generate_hash
-
-    return fingerprint(STAGE, cfg.seed, base_identity(cfg), generate_hash(cfg), cfg.finetune)
+def config_parts(cfg: RunConfig) -> tuple:
+    return (cfg.seed, cfg.finetune)
 
 
-def plan(cfg: RunConfig) -> dict:
-    f = cfg.finetune
-    if f.batch_size % f.workers:
-        raise NeonError(f"finetune.batch_size: {f.batch_size} is not divisible by finetune.workers={f.workers}")
+def plan(f: FinetuneConfig) -> dict:
     steps = max(1, math.ceil(f.budget_images / f.batch_size))
     return {"steps": steps, "micro_batch": f.batch_size // f.workers, "warmup_steps": math.ceil(f.warmup_images / f.batch_size),
             "images": steps * f.batch_size}
 
 
-def finetune(cfg: RunConfig, force: bool = False) -> dict:
-    base = base_checkpoint_uri(cfg)
-    from .generate import config_hash as generate_hash
-
-    samples = require_stage(cfg, "generate", generate_hash(cfg))["outputs"]["samples"]
-    h = config_hash(cfg)
-    if (done := up_to_date(STAGE, cfg.output, h, force)) is not None:
-        return done
-    p = plan(cfg)
-    rec = start(STAGE, cfg.output, h)
+def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
+    cfg = ctx.cfg
+    base, samples = ctx.input_uri("base"), ctx.input_uri("generate", "samples")
+    p = plan(f)
+    rec = ctx.start()
     ensure_ray(cfg.ray)
 
     import ray
@@ -62,25 +53,26 @@ def finetune(cfg: RunConfig, force: bool = False) -> dict:
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    column = dataset_of(cfg).codec.column
-    ds = ray.data.read_parquet(storage.to_local_path(samples), num_cpus=cfg.generate.io_cpus).select_columns([column, "label"])
+    codec = dataset_of(cfg).codec
+    pafs, path = storage.pyarrow_filesystem(samples)
+    ds = ray.data.read_parquet(path, filesystem=pafs, num_cpus=cfg.generate.io_cpus).select_columns([codec.column, "label"])
     n = ds.count()
     if n == 0:
-        raise NeonError(f"empty synthetic set: {samples} holds no images")
-    if n < cfg.finetune.batch_size:
-        raise NeonError(f"finetune.batch_size: {cfg.finetune.batch_size} exceeds the synthetic set's {n} images")
-    f = cfg.finetune
+        raise NeonError(f"empty synthetic set: {storage.redact_uri(samples)} holds no images")
+    if n < f.batch_size:
+        raise NeonError(f"finetune.batch_size: {f.batch_size} exceeds the synthetic set's {n} images")
     use_gpu = resolve_use_gpu(f.use_gpu)
     trainer = TorchTrainer(
         _finetune_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "base": base, "stage_dir": rec.dir, "plan": p, "use_gpu": use_gpu},
+        train_loop_config={"spec": spec_of(cfg), "codec": codec.kind, "section": f.model_dump(), "seed": cfg.seed, "base": base,
+                           "stage_dir": rec.dir, "plan": p, "use_gpu": use_gpu},
         scaling_config=ScalingConfig(num_workers=f.workers, use_gpu=use_gpu, resources_per_worker={"CPU": f.cpus_per_worker}),
         datasets={"train": ds},
-        run_config=TrainRunConfig(name=f"finetune-{h}", storage_path=os.path.join(tempfile.gettempdir(), "neon-ray-train")),
+        run_config=TrainRunConfig(name=f"finetune-{ctx.config_hash}", **ray_storage(storage.join(rec.dir, "ray"))),
     )
     trainer.fit()
     summary = storage.read_json(storage.join(rec.dir, "train_summary.json"))
-    base_images = train_images_of(base, cfg)
+    base_images = train_images_of(base, cfg.model.base_train_images)
     rec.inputs = {"base_checkpoint": base, "samples": samples}
     rec.outputs = {"model": storage.join(rec.dir, MODEL), "history": storage.join(rec.dir, "history.json")}
     rec.metrics = {
@@ -97,8 +89,7 @@ def finetune(cfg: RunConfig, force: bool = False) -> dict:
     return rec.finish()
 
 
-def _deepspeed_config(cfg: RunConfig, micro_batch: int) -> dict:
-    f = cfg.finetune
+def _deepspeed_config(f: FinetuneConfig, micro_batch: int) -> dict:
     return {
         "train_batch_size": f.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -166,37 +157,36 @@ def _finetune_loop(loop_cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
+    from ..data.codec import CODECS
+
     if not loop_cfg["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
-    from .common import load_model
-
-    cfg = RunConfig.model_validate(loop_cfg["cfg"])
-    p, stage_dir = loop_cfg["plan"], loop_cfg["stage_dir"]
-    f = cfg.finetune
-    ctx = ray.train.get_context()
-    rank = ctx.get_world_rank()
+    f = FinetuneConfig.model_validate(loop_cfg["section"])
+    p, stage_dir, seed = loop_cfg["plan"], loop_cfg["stage_dir"], loop_cfg["seed"]
+    rank = ray.train.get_context().get_world_rank()
     set_torch_threads(f.threads_per_worker)
     device = ray.train.torch.get_device()
 
-    family, net = load_model(cfg, loop_cfg["base"])
-    codec = dataset_of(cfg).codec
+    family, net = load_model(loop_cfg["spec"], loop_cfg["base"])
+    codec = CODECS[loop_cfg["codec"]]
     net.train()
     opt = torch.optim.AdamW(net.parameters(), lr=f.lr, weight_decay=f.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, p["warmup_steps"]))
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched, config=_deepspeed_config(cfg, p["micro_batch"]),
+    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched, config=_deepspeed_config(f, p["micro_batch"]),
                                            dist_init_required=False)
     dtype = torch.bfloat16 if f.bf16 else torch.float32
     shard = ray.train.get_dataset_shard("train")
 
     step, losses, history, t0 = 0, [], [], time.time()
-    for batch in _micro_batches(shard, p["micro_batch"], f.cache_shard, cfg.seed, rank):
+    shown = Progress()
+    for batch in _micro_batches(shard, p["micro_batch"], f.cache_shard, seed, rank):
         if step >= p["steps"]:
             break
         x = codec.to_model(torch.from_numpy(codec.decode_batch(batch[codec.column]))).to(device, dtype)
         y = torch.from_numpy(batch["label"].astype("int64")).to(device)
-        gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "finetune-noise", rank, step))
+        gen = torch.Generator().manual_seed(derive_seed(seed, "finetune-noise", rank, step))
         loss = family.training_loss(engine, x, y, gen)
         engine.backward(loss)
         engine.step()
@@ -205,7 +195,7 @@ def _finetune_loop(loop_cfg: dict) -> None:
         if step == 1 or step % 10 == 0 or step == p["steps"]:
             history.append({"step": step, "loss": sum(losses[-10:]) / len(losses[-10:]), "lr": sched.get_last_lr()[0]})
             if rank == 0:
-                progress(f"[finetune] step {step}/{p['steps']} loss {history[-1]['loss']:.4f}")
+                shown.update(f"[finetune] step {step}/{p['steps']} loss {history[-1]['loss']:.4f}", final=step == p["steps"])
     seconds = time.time() - t0
 
     state = _gather_fp32_state(engine, net)  # collective under ZeRO-3

@@ -7,6 +7,7 @@ its metadata. Resumable: a progress checkpoint every `pretrain.checkpoint_every`
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import os
 import tempfile
@@ -15,40 +16,42 @@ import time
 import torch
 
 from .. import storage
-from ..cluster import ensure_ray, resolve_use_gpu
-from ..config import RunConfig, fingerprint
-from ..manifest import start, up_to_date
+from ..config import DataConfig, PretrainConfig, RunConfig
+from ..context import StageContext
+from ..data import get_dataset
+from ..manifest import Manifest
 from ..models.checkpoint import save_checkpoint
-from ..training import progress, count_parameters, derive_seed, ema_update, warmup_cosine
-from .common import BASE_MODEL, dataset_of, family_of, load_progress, save_progress, set_torch_threads
+from ..runtime.checkpoints import dataset_of, family_for, set_torch_threads, spec_of
+from ..runtime.cluster import ensure_ray, ray_storage, resolve_use_gpu
+from ..runtime.progress import Progress
+from ..runtime.seeds import derive_seed
+from ..training import count_parameters, ema_update, warmup_cosine
 
 log = logging.getLogger("neon_ray")
-STAGE = "pretrain"
+BASE_MODEL = "model.safetensors"
 
 
-def config_hash(cfg: RunConfig) -> str:
-    return fingerprint(STAGE, cfg.seed, cfg.data, cfg.model.family, cfg.model.preset, cfg.model.options, cfg.pretrain)
+def config_parts(cfg: RunConfig) -> tuple:
+    return (cfg.seed, cfg.data, cfg.model.family, cfg.model.preset, cfg.model.options, cfg.pretrain)
 
 
-def pretrain(cfg: RunConfig, force: bool = False) -> dict:
-    h = config_hash(cfg)
-    if (done := up_to_date(STAGE, cfg.output, h, force)) is not None:
-        return done
+def run(p: PretrainConfig, ctx: StageContext) -> Manifest:
+    cfg = ctx.cfg
     dataset_of(cfg).load("train")  # fail fast (on the driver) when the data is missing
-    rec = start(STAGE, cfg.output, h)
+    rec = ctx.start()
     ensure_ray(cfg.ray)
 
     from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    p = cfg.pretrain
     use_gpu = resolve_use_gpu(p.use_gpu)
     trainer = TorchTrainer(
         _train_loop,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "stage_dir": rec.dir, "config_hash": h},
+        train_loop_config={"spec": spec_of(cfg), "data": cfg.data.model_dump(), "section": p.model_dump(), "seed": cfg.seed,
+                           "stage_dir": rec.dir, "config_hash": ctx.config_hash},
         scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu, resources_per_worker={"CPU": p.cpus_per_worker}),
-        run_config=TrainRunConfig(name=f"pretrain-{h}", storage_path=os.path.join(tempfile.gettempdir(), "neon-ray-train")),
+        run_config=TrainRunConfig(name=f"pretrain-{ctx.config_hash}", **ray_storage(storage.join(rec.dir, "ray"))),
     )
     trainer.fit()
     summary = storage.read_json(storage.join(rec.dir, "train_summary.json"))
@@ -58,53 +61,71 @@ def pretrain(cfg: RunConfig, force: bool = False) -> dict:
     return rec.finish()
 
 
+def _save_progress(uri: str, state: dict) -> None:
+    """Resumable training state: tensors and plain containers only (loaded with weights_only=True)."""
+    with tempfile.TemporaryDirectory(prefix="neon-progress-") as tmp:
+        local = os.path.join(tmp, "progress.pt")
+        torch.save(state, local)
+        storage.upload_file_atomic(local, uri)
+
+
+def _load_progress(uri: str) -> dict | None:
+    if not storage.exists(uri):
+        return None
+    try:
+        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
+    except Exception:  # noqa: BLE001 - a torn/corrupt progress file means "start over"
+        return None
+
+
 def _train_loop(loop_cfg: dict) -> None:
     """Runs on every Ray Train worker. Batches are drawn from (seed, step); noise from (seed, rank, step)."""
     import ray.train
     import ray.train.torch
 
-    cfg = RunConfig.model_validate(loop_cfg["cfg"])
-    stage_dir, h = loop_cfg["stage_dir"], loop_cfg["config_hash"]
-    p = cfg.pretrain
+    p = PretrainConfig.model_validate(loop_cfg["section"])
+    data = DataConfig.model_validate(loop_cfg["data"])
+    stage_dir, h, seed = loop_cfg["stage_dir"], loop_cfg["config_hash"], loop_cfg["seed"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_torch_threads(p.cpus_per_worker)
     device = ray.train.torch.get_device()
 
-    dataset = dataset_of(cfg)
+    dataset = get_dataset(data.name, data.path, data.download, options=data.options)
     images, labels = dataset.load("train")
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
-    family = family_of(cfg)
+    family = family_for(loop_cfg["spec"])
     net = family.build()
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
     progress_uri = storage.join(stage_dir, "progress", "state.pt")
     history: list[dict] = []
     step0 = 0
-    if (state := load_progress(progress_uri)) is not None and state.get("config_hash") == h:
+    shown = Progress()
+    if (state := _load_progress(progress_uri)) is not None and state.get("config_hash") == h:
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step0, history = int(state["step"]), list(state.get("history", []))
         if rank == 0:
-            progress(f"[pretrain] resuming at step {step0}/{p.steps}")
+            shown.update(f"[pretrain] resuming at step {step0}/{p.steps}")
     net.to(device)
     ema.to(device)
     model = ray.train.torch.prepare_model(net) if world > 1 else net
     model.train()
     if rank == 0:
-        progress(f"[pretrain] {family.spec.family}/{family.spec.preset}: {count_parameters(net) / 1e6:.2f}M parameters, "
-              f"{p.steps} steps × {p.batch_size} images on {world} worker(s)")
+        shown.update(f"[pretrain] {family.spec.family}/{family.spec.preset}: {count_parameters(net) / 1e6:.2f}M parameters, "
+                     f"{p.steps} steps × {p.batch_size} images on {world} worker(s)", final=True)
 
     t0, seen0, running = time.time(), step0 * p.batch_size, []
     for step in range(step0, p.steps):
         for group in opt.param_groups:
             group["lr"] = p.lr * warmup_cosine(step, p.steps, p.warmup_steps, final_fraction=0.05)
-        g = torch.Generator().manual_seed(derive_seed(cfg.seed, "pretrain-batch", step))
+        g = torch.Generator().manual_seed(derive_seed(seed, "pretrain-batch", step))
         idx = torch.randint(0, len(labels_t), (p.batch_size,), generator=g)[rank::world]
         x = dataset.codec.to_model(images_t[idx]).to(device)
         y = labels_t[idx].to(device)
-        noise_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, "pretrain-noise", rank, step))
+        noise_gen = torch.Generator().manual_seed(derive_seed(seed, "pretrain-noise", rank, step))
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=p.bf16):
             loss = family.training_loss(model, x, y, noise_gen)
         opt.zero_grad(set_to_none=True)
@@ -121,10 +142,11 @@ def _train_loop(loop_cfg: dict) -> None:
             history.append({"step": step + 1, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]})
             if rank == 0:
                 eta = (p.steps - step - 1) * p.batch_size / max(rate, 1e-9)
-                progress(f"[pretrain] step {step + 1}/{p.steps} loss {mean_loss:.4f} {rate:.0f} img/s eta {eta / 60:.1f} min")
+                shown.update(f"[pretrain] step {step + 1}/{p.steps} loss {mean_loss:.4f} {rate:.0f} img/s eta {eta / 60:.1f} min",
+                             final=step + 1 == p.steps)
         if rank == 0 and ((step + 1) % p.checkpoint_every == 0) and step + 1 < p.steps:
-            save_progress(progress_uri, {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                         "step": step + 1, "history": history, "config_hash": h})
+            _save_progress(progress_uri, {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
+                                          "step": step + 1, "history": history, "config_hash": h})
 
     if rank == 0:
         train_images = p.steps * p.batch_size

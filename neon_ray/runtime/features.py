@@ -18,8 +18,9 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from .sources import SampleSet
-from .stats import Moments, Statistics
+from ..fid.stats import Moments, Statistics
+from .cluster import actor_gpus
+from .samplesets import SampleSet
 
 log = logging.getLogger("neon_ray")
 SHARDS_PER_ACTOR = 4
@@ -49,7 +50,7 @@ class FeatureActor:
     def __init__(self, extractor: str, weights: str | None, feature: str, column: str, kind: str, chunk: int,
                  threads: int, use_gpu: bool):
         from ..data.codec import CODECS
-        from .extractors import create_extractor, get_extractor
+        from ..fid.extractors import create_extractor, get_extractor
 
         self.device = "cuda" if use_gpu and torch.cuda.is_available() else "cpu"
         if self.device == "cpu":
@@ -61,7 +62,7 @@ class FeatureActor:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from .extractors import prepare
+        from ..fid.extractors import prepare
 
         moments, kept, consistent = None, [], 0
         labels = batch.get("label")
@@ -91,30 +92,32 @@ def shards_of(table: pa.Table, num_shards: int):
     return ray.data.from_arrow([table.slice(int(a), int(n)) for a, n in zip(starts, sizes)])
 
 
-def extract(samples: SampleSet, extractor: str, weights: str | None, feature_space: str, fingerprint: str, cfg_generate,
+def extract(samples: SampleSet, extractor: str, weights: str | None, feature_space: str, fingerprint: str, resources,
             chunk: int, num_shards: int | None = None, keep: np.ndarray | None = None) -> FeaturePass:
-    """Statistics (and the features of the `keep` rows) of a sample set, over an actor pool."""
+    """Statistics (and the features of the `keep` rows) of a sample set, over an actor pool.
+
+    `resources`: the `evaluate` config section (feature actors, CPUs/GPUs/threads per actor).
+    """
     from ray.data import ActorPoolStrategy
 
-    from ..cluster import resolve_use_gpu
-    from .extractors import get_extractor
+    from ..fid.extractors import get_extractor
 
     t0 = time.time()
     info = get_extractor(extractor)
     n = samples.n
     keep = np.zeros(n, bool) if keep is None else keep
     # Default: a few shards per actor (load balance) without a (D, D) moment matrix per small chunk.
-    shards = num_shards or min(math.ceil(n / chunk), SHARDS_PER_ACTOR * cfg_generate.actors)
+    shards = num_shards or min(math.ceil(n / chunk), SHARDS_PER_ACTOR * resources.actors)
     table = samples.table.append_column("row", pa.array(np.arange(n, dtype=np.int64))).append_column("keep", pa.array(keep))
-    use_gpu = resolve_use_gpu(None if cfg_generate.gpus_per_actor is None else cfg_generate.gpus_per_actor > 0)
+    gpus = actor_gpus(resources.gpus_per_actor)
     ds = shards_of(table, shards).map_batches(
         FeatureActor,
         fn_constructor_kwargs=dict(extractor=extractor, weights=weights, feature=info.feature, column=samples.column,
-                                   kind=info.kind, chunk=chunk, threads=cfg_generate.threads_per_actor, use_gpu=use_gpu),
+                                   kind=info.kind, chunk=chunk, threads=resources.threads_per_actor, use_gpu=gpus > 0),
         batch_size=None,  # one call per shard; the actor chunks it
-        compute=ActorPoolStrategy(size=max(1, min(shards, cfg_generate.actors))),
-        num_cpus=cfg_generate.cpus_per_actor,
-        num_gpus=(cfg_generate.gpus_per_actor or 1.0) if use_gpu else 0,
+        compute=ActorPoolStrategy(size=max(1, min(shards, resources.actors))),
+        num_cpus=resources.cpus_per_actor,
+        num_gpus=gpus,
     )
     moments, consistent, rows, feats = None, [], [], []
     for out in ds.iter_batches(batch_size=None, batch_format="numpy"):  # streamed: one (D, D) at a time per shard

@@ -1,6 +1,7 @@
-"""Sample sets to score, as a pyarrow table of encoded samples: a Parquet set from `generate`, or an image folder.
+"""Sample sets as pyarrow tables of encoded samples: a Parquet set (from `generate` or a scoring pass), or an image folder.
 
-Images stay encoded (PNG/JPEG bytes) all the way to the feature actors. Every image's header is read
+A Parquet set has one row per sample: `index`, `label`, `seed` and the codec's column (`png` for
+images, `vec` for vectors). Images stay encoded (PNG/JPEG bytes) all the way to the feature actors. Every image's header is read
 on the driver first, so an empty set, a mixed resolution or channel count, or an unsupported image
 mode fails at once with one line naming the first offending file.
 """
@@ -97,9 +98,20 @@ def open_samples(uri: str) -> SampleSet:
     raise NeonError(f"empty sample set: {uri} holds no Parquet files and no {'/'.join(IMAGE_EXTENSIONS)} images")
 
 
-def _parquet_samples(uri: str) -> SampleSet:
-    from ..sampling import read_samples
+def read_samples(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """A Parquet sample set as one pyarrow table sorted by index (driver-side: grids, scoring, tests)."""
+    import pyarrow.dataset as pads
 
+    fs, path = storage.filesystem(uri)
+    if not fs.exists(path):
+        raise NeonError(f"sample set not found: {storage.redact_uri(uri)}")
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
+    if "index" in table.column_names:
+        table = table.sort_by("index")
+    return table
+
+
+def _parquet_samples(uri: str) -> SampleSet:
     try:
         table = read_samples(uri)
     except NeonError:

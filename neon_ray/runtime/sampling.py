@@ -1,4 +1,4 @@
-"""Sampling N images from a checkpoint with Ray Data actors → Parquet (index, label, seed, png).
+"""Sampling N images of a checkpoint with a Ray Data actor pool → Parquet (index, label, seed, png).
 
 (Non-image datasets store their samples in their codec's column instead of `png`, e.g. `vec`.)
 
@@ -15,10 +15,14 @@ import uuid
 import numpy as np
 import torch
 
-from . import storage
-from .config import RunConfig
-from .errors import NeonError
-from .training import balanced_labels, sample_seeds
+from .. import storage
+from ..data.codec import CODECS
+from ..errors import NeonError
+from ..models import ModelSpec
+from ..models.base import SamplerSettings
+from .checkpoints import load_model, set_torch_threads
+from .cluster import actor_gpus
+from .seeds import balanced_labels, sample_seeds
 
 log = logging.getLogger("neon_ray")
 
@@ -26,16 +30,14 @@ log = logging.getLogger("neon_ray")
 class SamplerActor:
     """Loads the model once; each call samples the work items of one Ray Data batch."""
 
-    def __init__(self, cfg_json: dict, checkpoint: str, settings: dict, seed: int, stream: str, threads: int, use_gpu: bool, bf16: bool):
-        from .stages.common import dataset_of, load_model, set_torch_threads
-
-        cfg = RunConfig.model_validate(cfg_json)
-        self.codec = dataset_of(cfg).codec
+    def __init__(self, spec: ModelSpec, checkpoint: str, settings: SamplerSettings, codec: str, seed: int, stream: str,
+                 threads: int, use_gpu: bool, bf16: bool):
+        self.codec = CODECS[codec]
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             set_torch_threads(threads)
-        self.family, self.net = load_model(cfg, checkpoint, self.device)
-        self.settings = self.family.sampler_schema.model_validate(settings)
+        self.family, self.net = load_model(spec, checkpoint, self.device)
+        self.settings = self.family.sampler_settings(settings)
         self.seed, self.stream, self.bf16 = seed, stream, bf16
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -59,51 +61,38 @@ def work_items(n: int, batch_size: int) -> list[dict[str, int]]:
     return [{"start": s, "count": min(batch_size, n - s)} for s in range(0, n, batch_size)]
 
 
-def sample_to_parquet(cfg: RunConfig, checkpoint: str, n: int, seed: int, stream: str, dest: str,
-                      actors: int | None = None, settings: dict | None = None) -> dict:
-    """Sample `n` images of `checkpoint` into Parquet files under `dest` (replaced atomically)."""
+def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSettings, codec: str, n: int, seed: int, stream: str,
+                      dest: str, resources, actors: int | None = None) -> dict:
+    """Sample `n` images of `checkpoint` into Parquet files under `dest` (replaced atomically when done).
+
+    `resources`: the `generate` config section (batch size, actors, CPUs/GPUs/threads per actor, bf16, I/O CPUs).
+    """
     import ray
     from ray.data import ActorPoolStrategy
 
-    from .cluster import resolve_use_gpu
-
     if n < 1:
         raise NeonError("number of samples must be ≥ 1")
-    g = cfg.generate
-    use_gpu = resolve_use_gpu(None if g.gpus_per_actor is None else g.gpus_per_actor > 0)
-    gpus = (g.gpus_per_actor if g.gpus_per_actor is not None else 1.0) if use_gpu else 0
-    actors = actors or g.actors
+    g = resources
+    gpus = actor_gpus(g.gpus_per_actor)
     items = work_items(n, g.batch_size)
     t0 = time.time()
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     ds = ds.map_batches(
         SamplerActor,
-        fn_constructor_kwargs=dict(cfg_json=cfg.model_dump(mode="json"), checkpoint=checkpoint,
-                                   settings=settings if settings is not None else cfg.sampler, seed=seed, stream=stream,
-                                   threads=g.threads_per_actor, use_gpu=use_gpu, bf16=g.bf16),
+        fn_constructor_kwargs=dict(spec=spec, checkpoint=checkpoint, settings=settings, codec=codec, seed=seed, stream=stream,
+                                   threads=g.threads_per_actor, use_gpu=gpus > 0, bf16=g.bf16),
         batch_size=1,
-        compute=ActorPoolStrategy(size=min(actors, len(items))),
+        compute=ActorPoolStrategy(size=min(actors or g.actors, len(items))),
         num_cpus=g.cpus_per_actor,
         num_gpus=gpus,
     )
     tmp = f"{dest.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    ds.write_parquet(tmp, ray_remote_args={"num_cpus": g.io_cpus})
-    storage.remove(dest)
-    fs, path = storage.filesystem(dest)
-    fs.mv(storage.filesystem(tmp)[1], path, recursive=True)
+    pafs, tmp_path = storage.pyarrow_filesystem(tmp)
+    try:
+        ds.write_parquet(tmp_path, filesystem=pafs, ray_remote_args={"num_cpus": g.io_cpus})
+        storage.move_dir(tmp, dest)
+    finally:
+        storage.remove(tmp)  # an interrupted write leaves no half set behind
     seconds = time.time() - t0
-    log.info("sampled %d images (%s) in %.1f s (%.1f img/s) → %s", n, stream, seconds, n / seconds, dest)
+    log.info("sampled %d images (%s) in %.1f s (%.1f img/s) → %s", n, stream, seconds, n / seconds, storage.redact_uri(dest))
     return {"n": n, "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2), "uri": dest}
-
-
-def read_samples(uri: str, columns: list[str] | None = None):
-    """The Parquet sample set as a pyarrow Table sorted by index (driver-side, for grids and tests)."""
-    import pyarrow.dataset as pads
-
-    fs, path = storage.filesystem(uri)
-    if not fs.exists(path):
-        raise NeonError(f"sample set not found: {uri}")
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=columns)
-    if "index" in table.column_names:
-        table = table.sort_by("index")
-    return table

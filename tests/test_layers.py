@@ -1,0 +1,72 @@
+"""The layering of DEVELOPERS.md, checked on the source: imports only go down, and no stage imports another."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+from _support import ROOT
+
+# Higher number = lower layer. A module may import its own layer or lower ones.
+LAYERS = [
+    ("neon_ray.cli", 0), ("neon_ray.__main__", 0),
+    ("neon_ray.pipeline", 1),
+    ("neon_ray.stages", 2),
+    ("tuning", 3),
+    ("neon_ray.scoring", 4), ("neon_ray.tracking", 4), ("neon_ray.context", 4), ("neon_ray.report", 4), ("neon_ray.mlflow_model", 4),
+    ("neon_ray.runtime", 5),
+    ("neon_ray.config", 6), ("neon_ray.manifest", 6),
+    ("neon_ray", 7),  # models, data, fid, merge, storage, training, imageio, errors
+]
+
+
+def layer(module: str) -> int:
+    for prefix, rank in LAYERS:
+        if module == prefix or module.startswith(prefix + "."):
+            return rank
+    raise AssertionError(f"{module} has no layer")
+
+
+def modules():
+    for path in sorted([*(ROOT / "neon_ray").rglob("*.py"), *(ROOT / "tuning").rglob("*.py")]):
+        rel = path.relative_to(ROOT).with_suffix("")
+        yield ".".join(rel.parts[:-1] if rel.name == "__init__" else rel.parts), path
+
+
+def imports(module: str, path: Path, is_package: bool):
+    package = module if is_package else module.rsplit(".", 1)[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            yield target
+            for a in node.names:  # `from . import storage` names a module
+                yield f"{target}.{a.name}"
+
+
+def test_imports_only_go_down_and_stages_stay_apart():
+    ours = {m for m, _ in modules()}
+    bad = []
+    for module, path in modules():
+        for target in imports(module, path, path.name == "__init__.py"):
+            if target not in ours or target == module:
+                continue
+            if layer(target) < layer(module):
+                bad.append(f"{module} → {target}")
+            if module.startswith("neon_ray.stages.") and target.startswith("neon_ray.stages."):
+                bad.append(f"{module} → {target} (a stage imports another stage)")
+    assert not bad, "imports that run up the layers:\n" + "\n".join(bad)
+
+
+def test_stage_modules_expose_the_stage_protocol():
+    from neon_ray.pipeline import GRAPH
+
+    for name, stage in GRAPH.items():
+        assert callable(stage.module.run) and callable(stage.module.config_parts), name
+        assert stage.module.__name__ == f"neon_ray.stages.{name}"
