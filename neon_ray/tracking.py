@@ -326,13 +326,20 @@ def _log_neon_model(weights: str, spec, settings, metadata: dict):
                        "num_classes": spec.num_classes, "options": spec.options, "sampler": settings.model_dump(mode="json"),
                        "codec": codec}, fh)
         code = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mlflow_model.py")
-        with warnings.catch_warnings():  # the explicit signature stands in for an input example
-            warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
-            return mlflow.pyfunc.log_model(
-                name="neon_model", python_model=code, artifacts={"weights": weights, "spec": spec_path}, signature=signature,
-                metadata=metadata,
-                pip_requirements=[f"neon-ray=={__version__}", "torch", "safetensors", "pandas"],
-            )
+        # The explicit signature stands in for an input example; and a checkout run from PYTHONPATH (this repo's own
+        # set-up) is not a pip-installed `neon-ray`, which MLflow would report as a requirement mismatch.
+        requirements_log = logging.getLogger("mlflow.utils.requirements_utils")
+        level = requirements_log.level
+        requirements_log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*input example", category=UserWarning)
+                return mlflow.pyfunc.log_model(
+                    name="neon_model", python_model=code, artifacts={"weights": weights, "spec": spec_path}, signature=signature,
+                    metadata=metadata, pip_requirements=[f"neon-ray=={__version__}", "torch", "safetensors", "pandas"],
+                )
+        finally:
+            requirements_log.setLevel(level)
 
 
 def _relocate_sqlite(db: Path, old_root: str, new_root: str) -> None:
