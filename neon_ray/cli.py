@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 
@@ -73,22 +74,40 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+_OUTPUT: list[str] = []  # the output root of the command, once known: its temporary files go on an interrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its own loggers to INFO on import
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the command as Ctrl-C does (also after Ray starts)
     try:
         return _dispatch(args)
     except NeonError as exc:
         print(f"neon-ray: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("neon-ray: interrupted", file=sys.stderr)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the clean-up short
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        _remove_temporaries()
+        print("neon-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     finally:
         _shutdown_ray()
+
+
+def _remove_temporaries() -> None:
+    if not _OUTPUT:
+        return
+    from .storage import remove_temporaries
+
+    try:
+        remove_temporaries(_OUTPUT[0])
+    except Exception:  # noqa: BLE001 - best effort on the way out; a rerun ignores and replaces them anyway
+        pass
 
 
 def _shutdown_ray() -> None:
@@ -116,6 +135,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     # Before any stage, Ray or MLflow set-up: the output must take writes and the tracking server must answer.
     ensure_writable(cfg.output, field="output")
+    _OUTPUT[:] = [cfg.output]
     t0 = time.time()
     if args.command in ("ref-stats", "fid"):
         return _score_command(cfg, args)

@@ -24,6 +24,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # Fields that decide how a stage runs (retries, checkpoint cadence, placement, logging), never what it
+    # computes: left out of config hashes, so changing them reuses finished outputs.
+    OPERATIONAL: ClassVar[set[str]] = set()
+
+    def hash_parts(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", exclude=self.OPERATIONAL)
 
 
 class FieldError(ValueError):
@@ -38,6 +44,7 @@ class RayConfig(Section):
     address: str | None = Field(None, description="Ray cluster address; null starts (or joins, under `ray job submit`) a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for an embedded local Ray (null: all).")
     num_gpus: int | None = Field(None, ge=0, description="GPUs for an embedded local Ray (null: all detected).")
+    connect_timeout_s: float = Field(30.0, gt=0, description="Seconds to wait for `ray.address` to answer before giving up with one line.")
 
 
 class MLflowConfig(Section):
@@ -75,8 +82,12 @@ class PretrainConfig(Section):
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     use_gpu: bool | None = Field(None, description="null: use GPUs when the cluster has them.")
-    checkpoint_every: int = Field(500, ge=1, description="Steps between resumable progress checkpoints.")
+    checkpoint_every: int = Field(500, ge=1, description="Steps between checkpoints reported to Ray Train (resume after a failure or a rerun).")
     log_every: int = Field(100, ge=1)
+    max_failures: int = Field(1, ge=0, description="Worker-group failures Ray Train recovers from (restart from the last checkpoint).")
+    placement_strategy: Literal["PACK", "SPREAD"] = Field("PACK", description="Ray placement of the workers: PACK fills a node first, SPREAD uses every node.")
+
+    OPERATIONAL: ClassVar[set[str]] = {"checkpoint_every", "log_every", "max_failures", "placement_strategy"}
 
 
 class GenerateConfig(Section):
@@ -86,7 +97,6 @@ class GenerateConfig(Section):
     cpus_per_actor: float = Field(0.5, gt=0, description="Fractional CPUs keep small clusters from deadlocking.")
     gpus_per_actor: float | None = Field(None, ge=0, description="null: 1 when the cluster has GPUs, else 0.")
     threads_per_actor: int = Field(1, ge=1, description="torch threads per CPU actor.")
-    io_cpus: float = Field(0.25, gt=0, description="CPUs per Parquet read/write task (Ray's default of 1 deadlocks small clusters).")
     bf16: bool = Field(False, description="Sample under bf16 autocast (fast on GPUs; off by default so small w·Δθ survive).")
 
 
@@ -103,7 +113,11 @@ class FinetuneConfig(Section):
     cpus_per_worker: float = Field(0.5, gt=0)
     use_gpu: bool | None = None
     threads_per_worker: int = Field(1, ge=1)
-    cache_shard: bool = Field(True, description="Keep each worker's shard of S in memory (encoded) across epochs; false streams it anew every epoch.")
+    checkpoint_every: int = Field(100, ge=1, description="Steps between DeepSpeed checkpoints reported to Ray Train (resume after a failure or a rerun).")
+    max_failures: int = Field(1, ge=0, description="Worker-group failures Ray Train recovers from (restart from the last checkpoint).")
+    placement_strategy: Literal["PACK", "SPREAD"] = Field("PACK", description="Ray placement of the workers: PACK fills a node first, SPREAD uses every node.")
+
+    OPERATIONAL: ClassVar[set[str]] = {"checkpoint_every", "max_failures", "placement_strategy"}
 
     @model_validator(mode="after")
     def _check_batch(self) -> "FinetuneConfig":
@@ -143,11 +157,7 @@ class EvaluateConfig(Section):
     prc_num_reference: int = Field(10000, ge=2, description="At most this many (seeded) reference features are cached for precision/recall.")
     floor: bool = Field(True, description="Also report fid_floor: FID of as many real images (the other split) against the reference.")
 
-    RESOURCES: ClassVar[set[str]] = {"actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor"}
-
-    def scoring_parts(self) -> dict[str, Any]:
-        """The fields that decide a score (not where or how fast it is computed): for config hashes."""
-        return self.model_dump(mode="json", exclude=self.RESOURCES)
+    OPERATIONAL: ClassVar[set[str]] = {"actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor"}
 
     @field_validator("extractor")
     @classmethod
@@ -165,6 +175,9 @@ class TuneConfig(Section):
     max_concurrent_trials: int = Field(1, ge=1)
     cpus_per_trial: float = Field(0.01, gt=0, description="A trial only orchestrates; its sampling and features run in Ray Data actors with their own CPUs.")
     allow_negative_w: bool = False
+    max_failures: int = Field(1, ge=0, description="Retries of a failed trial (Ray Tune's FailureConfig).")
+
+    OPERATIONAL: ClassVar[set[str]] = {"max_concurrent_trials", "cpus_per_trial", "max_failures"}
 
     @model_validator(mode="after")
     def _check_grid(self) -> "TuneConfig":

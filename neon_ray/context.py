@@ -26,6 +26,7 @@ class StageContext:
     tracker: Any = None  # neon_ray.tracking.Tracker of the output's MLflow run
     run_id: str | None = None  # this stage's MLflow child run
     options: dict[str, Any] = field(default_factory=dict)  # command-line extras (merge --out)
+    force: bool = False  # `--force`: redo from scratch (no resume from earlier checkpoints or parts)
 
     @property
     def output(self) -> str:

@@ -117,7 +117,7 @@ def run_stage(cfg: RunConfig, name: str, tracker: Tracker, force: bool = False, 
     if not force and (done := current_manifest(cfg.output, name, ctx.config_hash)) is not None:
         log.info("%s: up to date (config %s), skipping", name, ctx.config_hash)
         return done, True
-    ctx.tracker = tracker
+    ctx.tracker, ctx.force = tracker, force
     ctx.run_id = tracker.start_stage(name, ctx.config_hash)
     try:
         manifest = GRAPH[name].module.run(getattr(cfg, name), ctx)

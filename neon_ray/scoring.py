@@ -193,11 +193,12 @@ def score_samples(cfg: RunConfig, samples_uri: str, reference: Statistics, num_s
     return score_set(cfg, open_samples(samples_uri), reference, num_shards)
 
 
-def score_checkpoint(cfg: RunConfig, checkpoint: str, dest_dir: str, reference: Statistics, settings=None) -> dict:
+def score_checkpoint(cfg: RunConfig, checkpoint: str, dest_dir: str, reference: Statistics, settings=None, fresh: bool = False) -> dict:
     """Sample the evaluation set of `checkpoint` into `dest_dir/samples` (with `settings`, default the scoring
-    sampler) and score it."""
+    sampler; parts of an interrupted earlier call are reused unless `fresh`) and score it."""
     info = sample_to_parquet(spec_of(cfg), checkpoint, settings or cfg.scoring_sampler(), dataset_of(cfg).kind,
-                             cfg.evaluate.num_samples, cfg.evaluate.seed, STREAM, storage.join(dest_dir, "samples"), cfg.generate)
+                             cfg.evaluate.num_samples, cfg.evaluate.seed, STREAM, storage.join(dest_dir, "samples"), cfg.generate,
+                             fresh=fresh)
     scores = score_samples(cfg, info["uri"], reference)
     return scores | {"sample_seconds": info["seconds"], "samples": info["uri"]}
 

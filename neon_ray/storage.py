@@ -187,6 +187,18 @@ def local_copy(uri: str, what: str = "file") -> Iterator[str]:
         yield local
 
 
+def remove_temporaries(root: str) -> int:
+    """Delete the temporary files of interrupted atomic writes (`*.tmp-<hex>`, this module's own names) under `root`."""
+    fs, path = filesystem(root)
+    if not fs.exists(path):
+        return 0
+    stale = [p for p in fs.find(path, withdirs=True) if re.search(r"\.tmp-[0-9a-f]{8,}$", p.rstrip("/"))]
+    for p in sorted(stale, key=len, reverse=True):
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+    return len(stale)
+
+
 def to_local_path(uri: str) -> str:
     """Strip a file:// scheme; leave other URIs unchanged (for libraries that take either)."""
     return uri[len("file://"):] if uri.startswith("file://") else uri

@@ -30,3 +30,26 @@ def neon_ray_cli(*args: str, timeout: int = 900, env: dict | None = None) -> sub
     exe = Path(sys.executable).with_name("neon-ray")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "neon_ray"]
     return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=cli_env(env))
+
+
+def neon_ray_inprocess(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`neon-ray` called in this process (`neon_ray.cli.main`): the same exit code and output as the command, without
+    an interpreter start per call. For commands that stop before Ray starts (bad input); `env` is set meanwhile."""
+    import contextlib
+    import io
+
+    from neon_ray.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main(list(args))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return subprocess.CompletedProcess(["neon-ray", *args], code, out.getvalue(), err.getvalue())

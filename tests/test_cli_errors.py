@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from _support import TINY, neon_ray_cli
+from _support import TINY, neon_ray_cli, neon_ray_inprocess
 
 
 def _assert_one_line_error(proc, *needles: str) -> str:
@@ -30,13 +30,13 @@ def _no_manifests(out: Path) -> None:
     (["--set", "sampler.steps=0"], ["sampler.steps"]),
 ])
 def test_config_errors(tmp_path, args, needles):
-    proc = neon_ray_cli("run", str(TINY), "--output", str(tmp_path / "o"), *args)
+    proc = neon_ray_inprocess("run", str(TINY), "--output", str(tmp_path / "o"), *args)
     _assert_one_line_error(proc, *needles)
     _no_manifests(tmp_path / "o")
 
 
 def test_missing_data_path(tmp_path):
-    proc = neon_ray_cli("pretrain", str(TINY), "--output", str(tmp_path / "o"), "--set", f"data.path={tmp_path}/nowhere")
+    proc = neon_ray_inprocess("pretrain", str(TINY), "--output", str(tmp_path / "o"), "--set", f"data.path={tmp_path}/nowhere")
     _assert_one_line_error(proc, "data.path", "nowhere")
     _no_manifests(tmp_path / "o")
 
@@ -44,19 +44,19 @@ def test_missing_data_path(tmp_path):
 def test_unreadable_checkpoint(tmp_path):
     bad = tmp_path / "garbage.safetensors"
     bad.write_bytes(b"\x00\x01not a checkpoint")
-    proc = neon_ray_cli("generate", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={bad}")
+    proc = neon_ray_inprocess("generate", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={bad}")
     _assert_one_line_error(proc, "unreadable checkpoint", str(bad))
     _no_manifests(tmp_path / "o")
 
 
 def test_missing_checkpoint(tmp_path):
-    proc = neon_ray_cli("generate", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={tmp_path}/none.safetensors")
+    proc = neon_ray_inprocess("generate", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={tmp_path}/none.safetensors")
     _assert_one_line_error(proc, "model.checkpoint", "none.safetensors")
 
 
 def test_mismatched_checkpoint(tmp_path, tiny_checkpoint):
     # a unet-tiny file given to a unet-small config
-    proc = neon_ray_cli("generate", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={tiny_checkpoint}",
+    proc = neon_ray_inprocess("generate", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={tiny_checkpoint}",
                         "--set", "model.preset=unet-small")
     _assert_one_line_error(proc, "does not fit the model", str(tiny_checkpoint), "missing keys")
     _no_manifests(tmp_path / "o")
@@ -64,7 +64,7 @@ def test_mismatched_checkpoint(tmp_path, tiny_checkpoint):
 
 @pytest.mark.parametrize("w", ["0", "-1", "nan", "inf"])
 def test_merge_refuses_bad_w(tmp_path, tiny_checkpoint, w):
-    proc = neon_ray_cli("merge", str(TINY), "--output", str(tmp_path / "o"), "--base", str(tiny_checkpoint),
+    proc = neon_ray_inprocess("merge", str(TINY), "--output", str(tmp_path / "o"), "--base", str(tiny_checkpoint),
                         "--finetuned", str(tiny_checkpoint), f"--w={w}")
     _assert_one_line_error(proc, "merge.w")
     _no_manifests(tmp_path / "o")
@@ -76,18 +76,18 @@ def test_merge_mismatched_pair(tmp_path, tiny_checkpoint):
 
     other = tmp_path / "other.safetensors"
     save_file({"just.one": torch.zeros(3)}, str(other))
-    proc = neon_ray_cli("merge", str(TINY), "--output", str(tmp_path / "o"), "--base", str(tiny_checkpoint), "--finetuned", str(other), "--w=1")
+    proc = neon_ray_inprocess("merge", str(TINY), "--output", str(tmp_path / "o"), "--base", str(tiny_checkpoint), "--finetuned", str(other), "--w=1")
     _assert_one_line_error(proc, "do not match", "missing in")
     _no_manifests(tmp_path / "o")
 
 
 def test_unwritable_output(tmp_path):
-    proc = neon_ray_cli("run", str(TINY), "--output", "/proc/neon-ray-cannot-write")
+    proc = neon_ray_inprocess("run", str(TINY), "--output", "/proc/neon-ray-cannot-write")
     _assert_one_line_error(proc, "output", "/proc/neon-ray-cannot-write")
 
 
 def test_stage_needs_its_inputs(tmp_path, tiny_checkpoint):
-    proc = neon_ray_cli("finetune", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={tiny_checkpoint}")
+    proc = neon_ray_inprocess("finetune", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={tiny_checkpoint}")
     _assert_one_line_error(proc, "generate", "has not run")
 
 
@@ -119,7 +119,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
     ("toy_gaussian.yaml", ["--set", "evaluate.sampler={score_scale: 0}"], ["evaluate.sampler.score_scale"]),
 ])
 def test_family_config_errors(tmp_path, config, args, needles):
-    proc = neon_ray_cli("run", str(CONFIGS / config), "--output", str(tmp_path / "o"), *args)
+    proc = neon_ray_inprocess("run", str(CONFIGS / config), "--output", str(tmp_path / "o"), *args)
     _assert_one_line_error(proc, *needles)
     _no_manifests(tmp_path / "o")
 
@@ -136,7 +136,7 @@ def test_checkpoint_for_another_resolution_or_channel_count(tmp_path, image_shap
     torch.manual_seed(0)
     path = tmp_path / "other.safetensors"
     save_checkpoint(str(path), family.build().state_dict(), family.spec, train_images=1000)
-    proc = neon_ray_cli("generate", str(CONFIGS / "tiny_dit.yaml"), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={path}")
+    proc = neon_ray_inprocess("generate", str(CONFIGS / "tiny_dit.yaml"), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={path}")
     _assert_one_line_error(proc, "model.checkpoint", needle, "(1, 28, 28)")
     _no_manifests(tmp_path / "o")
 
@@ -150,14 +150,14 @@ def test_checkpoint_for_another_resolution_or_channel_count(tmp_path, image_shap
 ])
 def test_config_errors_stop_before_anything_is_set_up(tmp_path, args, needles):
     """Checked once, at load: not after earlier stages ran, and before the output or MLflow is touched."""
-    proc = neon_ray_cli("run", str(TINY), "--output", str(tmp_path / "o"), *args)
+    proc = neon_ray_inprocess("run", str(TINY), "--output", str(tmp_path / "o"), *args)
     _assert_one_line_error(proc, *needles)
     assert not (tmp_path / "o").exists()
 
 
 def test_missing_reference_file_is_not_computed_into_place(tmp_path, tiny_checkpoint):
     ref = tmp_path / "published.npz"
-    proc = neon_ray_cli("evaluate", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={tiny_checkpoint}",
+    proc = neon_ray_inprocess("evaluate", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={tiny_checkpoint}",
                         "--set", f"evaluate.reference={ref}", "--set", "mlflow.enabled=false")
     _assert_one_line_error(proc, "evaluate.reference", "not found", str(ref), "ref-stats")
     assert not ref.exists()
@@ -173,7 +173,7 @@ def test_pickled_checkpoint_is_refused_with_how_to_convert(tmp_path):
 
     bad = tmp_path / "model.pt"
     torch.save({"weight": torch.zeros(2), "extra": NotATensor()}, bad)
-    proc = neon_ray_cli("generate", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={bad}")
+    proc = neon_ray_inprocess("generate", str(TINY), "--output", str(tmp_path / "o"), "--set", f"model.checkpoint={bad}")
     line = _assert_one_line_error(proc, str(bad), "pickled", "never unpickles", "safetensors")
     assert "weights_only=False" not in line
     _no_manifests(tmp_path / "o")
@@ -183,6 +183,6 @@ def test_tracking_server_that_does_not_answer_stops_before_any_work(tmp_path):
     from _servers import free_port
 
     uri = f"http://127.0.0.1:{free_port()}"
-    proc = neon_ray_cli("run", str(TINY), "--output", str(tmp_path / "o"), env={"MLFLOW_TRACKING_URI": uri})
+    proc = neon_ray_inprocess("run", str(TINY), "--output", str(tmp_path / "o"), env={"MLFLOW_TRACKING_URI": uri})
     _assert_one_line_error(proc, "MLFLOW_TRACKING_URI", uri, "mlflow.enabled=false")
     _no_manifests(tmp_path / "o")

@@ -19,7 +19,7 @@ from neon_ray.fid.prc import keep_mask, knn_radii, precision_recall
 from neon_ray.runtime.samplesets import open_samples
 from neon_ray.fid.stats import Statistics, frechet_distance, import_published
 
-from _support import TINY, neon_ray_cli, tiny_config
+from _support import TINY, neon_ray_cli, neon_ray_inprocess
 
 
 def _npz(**arrays) -> bytes:
@@ -208,7 +208,7 @@ def test_cli_bad_sample_sets_give_one_line(tmp_path):
         ([str(tmp_path / "nowhere")], ["--samples", "nowhere"]),
     ]
     for args, needles in cases:
-        proc = neon_ray_cli("fid", "--config", str(TINY), "--output", str(tmp_path / "o"), "--samples", *args)
+        proc = neon_ray_inprocess("fid", "--config", str(TINY), "--output", str(tmp_path / "o"), "--samples", *args)
         _one_line_error(proc, *needles)
 
 
@@ -218,11 +218,11 @@ def test_cli_import_errors(tmp_path):
     (tmp_path / "trunc.npz").write_bytes(good[: len(good) // 3])
     (tmp_path / "edm.npz").write_bytes(good)
     base = ["ref-stats", "--config", str(TINY), "--output", str(tmp_path / "o")]
-    _one_line_error(neon_ray_cli(*base, "--import", str(tmp_path / "edm.npz")), "--import", INCEPTION_SPACE, "evaluate.extractor")
+    _one_line_error(neon_ray_inprocess(*base, "--import", str(tmp_path / "edm.npz")), "--import", INCEPTION_SPACE, "evaluate.extractor")
     helper = ["--set", "evaluate.extractor=inception-fid-helper"]
-    _one_line_error(neon_ray_cli(*base, *helper, "--import", str(tmp_path / "trunc.npz")), "corrupt or truncated", "trunc.npz")
-    _one_line_error(neon_ray_cli(*base, *helper, "--import", str(tmp_path / "edm.npz")), "edm.npz", "8-d", "2048-d")
-    _one_line_error(neon_ray_cli(*base, "--set", "evaluate.extractor=inception-v3-compat", "--import", str(tmp_path / "edm.npz")),
+    _one_line_error(neon_ray_inprocess(*base, *helper, "--import", str(tmp_path / "trunc.npz")), "corrupt or truncated", "trunc.npz")
+    _one_line_error(neon_ray_inprocess(*base, *helper, "--import", str(tmp_path / "edm.npz")), "edm.npz", "8-d", "2048-d")
+    _one_line_error(neon_ray_inprocess(*base, "--set", "evaluate.extractor=inception-v3-compat", "--import", str(tmp_path / "edm.npz")),
                     "evaluate.extractor_weights", "inception-v3-compat")
 
 

@@ -1,12 +1,23 @@
-"""`ray job submit` against a real head started on this machine (named zz: runs last, it starts its own cluster)."""
+"""`ray job submit` to a real two-node Ray cluster on loopback (named zz: runs last, it starts its own cluster).
+
+One head and one worker node, each a `ray start` of its own with 2 CPUs, with Ray's token authentication.
+Ray cannot be told to listen on loopback only (`ray start --node-ip-address=127.0.0.1` is rewritten to the
+machine's external address, ray._private.services.resolve_ip_for_localhost, and its gRPC servers bind the
+wildcard address), so the cluster, the submitter and the jobs run in a network namespace of their own
+whose only interface is loopback; there Ray finds no other address. Checked: the namespace has no
+interface but `lo`, and every socket Ray listens on is bound to a loopback address; a tiny pipeline
+submitted with the documented command finishes after `ray job stop` mid-tune and a resubmission
+(nothing half-written in between, finished work reused); sampling actors and Ray Train workers (asked to
+SPREAD) ran on both nodes, per Ray's state API; and a generate job survives losing the worker node.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -15,59 +26,185 @@ from pathlib import Path
 
 import pytest
 
-from _support import ROOT
+from _servers import free_port
+from _support import ROOT, cli_env
 from test_e2e import check_mlflow
 
+RAY = str(Path(sys.executable).with_name("ray"))
+NETNS: list[str] = []  # ["ip", "netns", "exec", <name>]: every cluster command runs inside the namespace
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+
+def _in_netns(*cmd: str) -> list[str]:
+    return [*NETNS, *cmd]
 
 
 def _kill_cluster(temp_dir: str) -> None:
-    """Stop only this test's head (processes whose command line names its temp dir), not other Rays."""
-    out = subprocess.run(["pgrep", "-f", temp_dir], capture_output=True, text=True)
-    for pid in out.stdout.split():
+    """Stop only this test's nodes (processes whose command line names its temp dir or session), not other Rays."""
+    import psutil
+
+    for proc in psutil.process_iter(["pid", "cmdline"]):
         try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
+            if temp_dir in " ".join(proc.info["cmdline"] or []):
+                proc.send_signal(signal.SIGKILL)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
 
 
-@pytest.mark.slow
-def test_ray_job_submit_end_to_end(tmp_path):
+def _node_ports() -> list[str]:
+    # Every port a free one: another Ray on the machine (the session's `ray_local`, a developer's) holds the defaults.
+    return [f"--{name}={free_port()}" for name in ("node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+                                                   "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")]
+
+
+def _cluster_processes(temp_dir: str):
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if temp_dir in " ".join(proc.info["cmdline"] or []):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def _listening_addresses() -> set[str]:
+    """Local addresses of every listening TCP socket in the namespace (all of them the cluster's)."""
+    out = subprocess.run(_in_netns("ss", "-ltnH"), capture_output=True, text=True, timeout=30).stdout
+    return {line.split()[3].rsplit(":", 1)[0].strip("[]") for line in out.splitlines() if line.strip()}
+
+
+def _interfaces() -> set[str]:
+    out = subprocess.run(_in_netns("ip", "-o", "link"), capture_output=True, text=True, timeout=30).stdout
+    return {line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if line.strip()}
+
+
+def _submit(env: dict, dash: int, *entrypoint: str, wait: bool = True) -> subprocess.CompletedProcess:
+    cmd = [RAY, "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}"]
+    cmd += [] if wait else ["--no-wait"]
+    for _ in range(24):  # the head's job agent takes a few seconds to come up after `ray start`
+        job = subprocess.run(_in_netns(*cmd, "--", *entrypoint), capture_output=True, text=True, env=env, timeout=1500)
+        if "No available agent" not in job.stderr + job.stdout:
+            return job
+        time.sleep(5)
+    return job
+
+
+def _state(env: dict, api: str, what: str) -> list[dict]:
+    """Ray's state API (`ray list`), with the cluster's token from `env`."""
+    out = subprocess.run(_in_netns(RAY, "list", what, f"--address={api}", "--format=json", "--detail", "--limit=10000"),
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return json.loads(out.stdout)
+
+
+def _wait_for(predicate, seconds: float, what: str) -> None:
+    deadline = time.time() + seconds
+    while not predicate():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a worker node (2 CPUs each) in a loopback-only network namespace, with token authentication."""
     bin_dir = Path(sys.executable).parent
-    ray = str(bin_dir / "ray")
-    # Ray's token authentication, as on a real cluster: one secret shared by the head and the submitter.
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+    # Ray's token authentication, as on a real cluster: one secret shared by the nodes and the submitter.
+    env = cli_env({"PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+                   "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "MLFLOW_TRACKING_URI": ""})
     env.pop("RAY_ADDRESS", None)
-    env.pop("MLFLOW_TRACKING_URI", None)
     temp_dir = tempfile.mkdtemp(prefix="nrj-", dir="/tmp")
-    port, dash = _free_port(), _free_port()
-    # Every port of this head is a free one: another Ray on the machine (the session's `ray_local`, a
-    # developer's) holds the defaults, e.g. the dashboard agent's 52365, and the job agent would never start.
-    ports = [f"--{name}={_free_port()}" for name in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                     "runtime-env-agent-port", "metrics-export-port",
-                                                     "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    start = subprocess.run([ray, "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-                            "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats", *ports],
-                           capture_output=True, text=True, env=env, timeout=180)
-    assert start.returncode == 0, start.stdout + start.stderr
+    namespace = os.path.basename(temp_dir)
+    made = subprocess.run(["ip", "netns", "add", namespace], capture_output=True, text=True)
+    assert made.returncode == 0, f"cannot create a network namespace for the test cluster: {made.stderr}"
+    NETNS[:] = ["ip", "netns", "exec", namespace]
+    port, dash = free_port(), free_port()
     try:
-        out = tmp_path / "job"
-        submit = [ray, "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}", "--",
-                  "python", "jobs/neon_job.py", "jobs/configs/tiny.yaml", "--output", str(out)]
-        for _ in range(24):  # the head's job agent takes a few seconds to come up after `ray start`
-            job = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=1500)
-            if "No available agent" not in job.stderr + job.stdout:
-                break
-            time.sleep(5)
-        assert job.returncode == 0, job.stdout[-4000:] + job.stderr[-2000:]
-        assert "succeeded" in job.stdout.lower()
-        summary = json.loads((out / "summary.json").read_text())
-        assert {"fid_base", "fid_neon", "best_w"} <= set(summary)
-        check_mlflow(out)
+        subprocess.run(_in_netns("ip", "link", "set", "lo", "up"), check=True, timeout=30)
+        head = subprocess.run(_in_netns(RAY, "start", "--head", f"--port={port}", f"--dashboard-port={dash}",
+                                        "--dashboard-host=127.0.0.1", "--include-dashboard=true", "--num-cpus=2", f"--temp-dir={temp_dir}",
+                                        f"--ray-client-server-port={free_port()}", "--disable-usage-stats", *_node_ports()),
+                              capture_output=True, text=True, env=env, timeout=180)
+        assert head.returncode == 0, head.stdout + head.stderr
+        worker_dir = f"{temp_dir}-worker"  # its processes name it: found (and killed) apart from the head's
+        worker = subprocess.run(_in_netns(RAY, "start", f"--address=127.0.0.1:{port}", "--num-cpus=2", f"--temp-dir={worker_dir}",
+                                          "--disable-usage-stats", *_node_ports()), capture_output=True, text=True, env=env, timeout=180)
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+        api = f"http://127.0.0.1:{dash}"
+        _wait_for(lambda: len([n for n in _state(env, api, "nodes") if n["state"] == "ALIVE"]) == 2, 60, "two nodes")
+        yield {"env": env, "api": api, "dash": dash, "worker_dir": worker_dir}
     finally:
         _kill_cluster(temp_dir)
+        subprocess.run(["ip", "netns", "del", namespace], check=False, capture_output=True)
+        NETNS.clear()
+
+
+def _job_id(job: subprocess.CompletedProcess) -> str:
+    found = re.search(r"raysubmit_\w+", job.stdout + job.stderr)
+    assert found, job.stdout[-2000:] + job.stderr[-2000:]
+    return found.group(0)
+
+
+def _job_status(cluster: dict, job_id: str) -> str:
+    return subprocess.run(_in_netns(RAY, "job", "status", f"--address={cluster['api']}", job_id),
+                          capture_output=True, text=True, env=cluster["env"], timeout=60).stdout
+
+
+def _job_logs(cluster: dict, job_id: str) -> str:
+    return subprocess.run(_in_netns(RAY, "job", "logs", f"--address={cluster['api']}", job_id),
+                          capture_output=True, text=True, env=cluster["env"], timeout=120).stdout
+
+
+@pytest.mark.slow
+def test_loopback_only_job_stop_resubmit_and_spread(cluster, tmp_path):
+    env, api, dash = cluster["env"], cluster["api"], cluster["dash"]
+    assert _interfaces() == {"lo"}, _interfaces()
+    assert _listening_addresses() <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, _listening_addresses()  # loopback only
+
+    # The documented command, stopped with `ray job stop` mid-search, then resubmitted.
+    out = tmp_path / "job"
+    run = ["python", "jobs/neon_job.py", "jobs/configs/tiny.yaml", "--output", str(out), "--set", "finetune.placement_strategy=SPREAD",
+           "--set", "finetune.budget_images=160", "--set", "finetune.checkpoint_every=5"]
+    job_id = _job_id(_submit(env, dash, *run, wait=False))
+    _wait_for(lambda: any(out.glob("tune/trials/*/samples/part-*.parquet")), 900, "the search under way")
+    stop = subprocess.run(_in_netns(RAY, "job", "stop", f"--address={api}", job_id), capture_output=True, text=True, env=env, timeout=300)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+    assert not (out / "tune" / "manifest.json").exists() and (out / "finetune" / "manifest.json").exists()
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name], "a stopped job leaves no half-written file"
+    again = _submit(env, dash, *run)
+    assert again.returncode == 0 and "succeeded" in again.stdout.lower(), again.stdout[-4000:] + again.stderr[-2000:]
+    logs = _job_logs(cluster, _job_id(again))
+    assert "finetune: up to date" in logs and "tune: resuming the search" in logs  # Tuner.restore from the output
+    summary = json.loads((out / "summary.json").read_text())
+    assert {"fid_base", "fid_neon", "best_w"} <= set(summary)
+    check_mlflow(out)
+
+    actors = _state(env, api, "actors")
+    nodes_of = lambda name: {a["node_id"] for a in actors if name in a["class_name"]}  # noqa: E731
+    assert len(nodes_of("SamplerActor")) == 2 and len(nodes_of("RayTrainWorker")) == 2, (nodes_of("SamplerActor"), nodes_of("RayTrainWorker"))
+
+
+@pytest.mark.slow
+def test_generate_survives_losing_the_worker_node(cluster, tmp_path):
+    """Runs after the test above (it needs both nodes): the worker node's raylet dies mid-generate; the job
+    finishes on the head with every sample index written once."""
+    env, dash = cluster["env"], cluster["dash"]
+    loss = tmp_path / "node-loss"
+    common = ["jobs/configs/tiny.yaml", "--output", str(loss), "--set", "mlflow.enabled=false"]
+    pretrain = _submit(env, dash, "python", "-m", "neon_ray", "pretrain", *common)
+    assert pretrain.returncode == 0, pretrain.stdout[-4000:] + pretrain.stderr[-2000:]
+    job_id = _job_id(_submit(env, dash, "python", "-m", "neon_ray", "generate", *common, "--set", "generate.num_samples=80",
+                             "--set", "generate.batch_size=4", wait=False))
+    _wait_for(lambda: len(list((loss / "generate" / "samples").glob("part-*.parquet"))) >= 2, 300, "the first parts")
+    raylets = [p for p in _cluster_processes(cluster["worker_dir"]) if "raylet" in " ".join(p.cmdline()).split(" ")[0]]
+    assert raylets, "the worker node's raylet was not found"
+    for p in raylets:
+        p.send_signal(signal.SIGKILL)
+    deadline = time.time() + 600
+    while not any(word in _job_status(cluster, job_id) for word in ("SUCCEEDED", "FAILED", "STOPPED")):
+        assert time.time() < deadline, _job_status(cluster, job_id) + _job_logs(cluster, job_id)[-6000:]
+        time.sleep(2)
+    assert "SUCCEEDED" in _job_status(cluster, job_id), _job_logs(cluster, job_id)[-6000:]
+    manifest = json.loads((loss / "generate" / "manifest.json").read_text())
+    assert manifest["metrics"]["n_synthetic"] == 80

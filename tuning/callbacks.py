@@ -8,24 +8,32 @@ from ray.tune import Callback
 class MLflowTrials(Callback):
     """Each trial: an MLflow child run of the tune stage's run, named by its w, with its scores.
 
-    Runs on the driver, so trials on any node are logged to the driver's tracking store. Tune saves
-    its callbacks with the experiment state; the tracker (a live client) is not part of that state.
+    Runs on the driver, so trials on any node are logged to the driver's tracking store. Tune saves its
+    callbacks with the experiment (and `Tuner.restore` brings them back), so the live tracker is not part of
+    the callback's state: the tune stage `attach`es it for the duration of the search.
     """
 
-    def __init__(self, tracker, parent_run: str | None):
-        self.tracker, self.parent_run = tracker, parent_run
+    _tracker = None
+    _parent_run: str | None = None
+
+    @classmethod
+    def attach(cls, tracker, parent_run: str | None) -> None:
+        cls._tracker, cls._parent_run = tracker, parent_run
+
+    def __init__(self):
         self.runs: dict[str, str] = {}
 
     def __getstate__(self) -> dict:
-        return {"tracker": None, "parent_run": None, "runs": {}}
+        return {"runs": {}}
 
     def _run_of(self, trial) -> str | None:
-        if self.tracker is None or not self.tracker.enabled:
+        tracker = type(self)._tracker
+        if tracker is None or not tracker.enabled:
             return None
         if trial.trial_id not in self.runs:
             w = float(trial.config["w"])
-            run = self.tracker.start_child(f"trial w={w:.4g}", parent=self.parent_run, tags={"stage": "tune-trial"})
-            self.tracker.log_params(run, {"w": w})
+            run = tracker.start_child(f"trial w={w:.4g}", parent=type(self)._parent_run, tags={"stage": "tune-trial"})
+            tracker.log_params(run, {"w": w})
             self.runs[trial.trial_id] = run
         return self.runs[trial.trial_id]
 
@@ -33,12 +41,12 @@ class MLflowTrials(Callback):
         run = self._run_of(trial)
         if run is not None:
             scores = {k: v for k, v in result.items() if k in ("fid", "precision", "recall", "fid_floor", "class_consistency", "n")}
-            self.tracker.log_metrics(run, scores, step=int(result.get("training_iteration", 1)))
+            type(self)._tracker.log_metrics(run, scores, step=int(result.get("training_iteration", 1)))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        if (run := self.runs.get(trial.trial_id)) is not None:
-            self.tracker.end_child(run, ok=True)
+        if (run := self.runs.get(trial.trial_id)) is not None and type(self)._tracker is not None:
+            type(self)._tracker.end_child(run, ok=True)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         if (run := self._run_of(trial)) is not None:
-            self.tracker.end_child(run, ok=False)
+            type(self)._tracker.end_child(run, ok=False)

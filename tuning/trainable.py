@@ -15,6 +15,7 @@ from neon_ray.scoring import score_checkpoint
 
 SCORES = ("fid", "precision", "recall", "fid_floor", "class_consistency", "n", "sample_seconds")
 RESULT = "result.json"
+STARTED = "trial.json"  # written first: which trial hash the folder's files belong to
 MODEL = "model.safetensors"
 
 
@@ -46,7 +47,12 @@ def neon_trial(config: dict, cfg_json: dict, base: str, finetuned: str, referenc
         return
     tdir = trial_dir(tune_dir, w)
     model = storage.join(tdir, MODEL)
-    merge_uris(base, finetuned, model, w, allow_negative=cfg.tune.allow_negative_w)
+    marker = storage.join(tdir, STARTED)
+    if not (storage.exists(marker) and storage.read_json(marker).get("config_hash") == trial_hash):
+        storage.remove(tdir)  # what is there belongs to another θ_ft or sampler: never reuse it
+        storage.write_json_atomic(marker, {"config_hash": trial_hash, "w": w})
+    if not storage.exists(model):  # written atomically: present means complete (a retried trial keeps it and its samples)
+        merge_uris(base, finetuned, model, w, allow_negative=cfg.tune.allow_negative_w)
     ref = Statistics.from_bytes(storage.read_bytes(reference), reference)
     scores = score_checkpoint(cfg, model, tdir, ref)
     result = {"w": w, "config_hash": trial_hash, "model": storage.relative(cfg.output, model),

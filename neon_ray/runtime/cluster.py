@@ -27,23 +27,98 @@ def worker_env() -> dict[str, str]:
 
 
 def ensure_ray(cfg) -> None:
-    """Join the configured/ambient cluster (`ray.address`, else $RAY_ADDRESS), or start an embedded local Ray."""
+    """Join the configured/ambient cluster (`ray.address`, else $RAY_ADDRESS), or start an embedded local Ray.
+
+    One line instead of Ray's retries or tracebacks: an address that does not answer within
+    `ray.connect_timeout_s`, a cluster that refuses the connection, a local Ray that does not start.
+    """
     env = worker_env()
     os.environ.update(env)  # before Ray Data is imported: the driver runs datasets too (generate, feature passes)
     import ray
     from ray.data import DataContext
 
+    from ..errors import NeonError
+
     if ray.is_initialized():
         return
     DataContext.get_current().enable_progress_bars = env[INTERACTIVE_ENV] == "1"
     address = cfg.address or os.environ.get("RAY_ADDRESS")
+    field = "ray.address" if cfg.address else "RAY_ADDRESS"
     if address:
+        _check_answers(address, field, cfg.connect_timeout_s)
         log.info("connecting to Ray at %s", address)
-        ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
+        try:
+            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
+        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+            raise NeonError(f"{field}: cannot join the Ray cluster at {address} ({_first_line(exc)})") from None
     else:
-        # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves.
-        ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, log_to_driver=True, runtime_env={"env_vars": env})
+        # The dashboard stays on: Ray Train's placement-group cleaner polls the state API it serves. Its port is
+        # chosen here and named to every worker (RAY_API_SERVER_ADDRESS), so that state queries reach this Ray
+        # even when another Ray runs on the machine (they would otherwise stop at "multiple active Ray instances").
+        port = _free_port()
+        env = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+        try:
+            ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, log_to_driver=True, runtime_env={"env_vars": env},
+                     include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+        except (ConnectionError, RuntimeError, TimeoutError) as exc:
+            raise NeonError(f"ray: the local Ray did not start ({_first_line(exc)}); try `ray stop --force` (a stale "
+                            "session), free space under /tmp, or a smaller ray.num_cpus") from None
         log.info("started a local Ray: %s", {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU", "memory")})
+    _interrupt_on_sigterm()
+
+
+def _interrupt_on_sigterm() -> None:
+    """Ray's driver set-up installs a SIGTERM handler that aborts the process; turn SIGTERM (`ray job stop`, a
+    scheduler's preemption) into KeyboardInterrupt instead, so the caller cleans up as on Ctrl-C."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _first_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return (text or type(exc).__name__)[:240]
+
+
+def _check_answers(address: str, field: str, timeout: float) -> None:
+    """Fail within `timeout` seconds, naming the field, when nothing listens at a host:port address
+    (Ray itself would retry for minutes without a word). `auto` and `local` are Ray's to resolve."""
+    import socket
+    import time
+
+    from ..errors import NeonError
+
+    target = address.split("://", 1)[-1].rstrip("/")
+    if target in ("auto", "local") or ":" not in target:
+        return
+    host, _, port = target.rpartition(":")
+    try:
+        port_number = int(port)
+    except ValueError:
+        raise NeonError(f"{field}: {address!r} is not host:port, ray://host:port, auto or local") from None
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection((host, port_number), timeout=min(5.0, timeout)).close()
+            return
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise NeonError(f"{field}: nothing answers at {address} within {timeout:.0f} s ({exc.strerror or exc}); "
+                                "check the head node is up and the address") from None
+            time.sleep(1.0)
 
 
 def cluster_has_gpus() -> bool:

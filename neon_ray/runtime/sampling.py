@@ -4,15 +4,21 @@
 
 Work items are fixed index ranges [start, start + batch_size): the noise of image i comes only from
 (seed, stream, i) and its label is i mod K, so the output is identical for any number of actors.
+Each work item is one Parquet file, `part-<start>.parquet`, written by the actor that sampled it
+(temporary name, then rename): a killed actor is restarted by Ray and its item retried, an item is
+written once under its own name (no duplicate, no gap: checked at the end), and the files of finished
+items survive a stopped driver. A rerun samples only the missing items; `_sampling.json` in the folder
+says what the parts are samples of, so parts of another checkpoint or sampler are never reused.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
 from .. import storage
@@ -25,74 +31,126 @@ from .cluster import actor_gpus
 from .seeds import balanced_labels, sample_seeds
 
 log = logging.getLogger("neon_ray")
+MARKER = "_sampling.json"  # pyarrow and Ray Data skip names starting with "_" when reading the folder
 
 
 class SamplerActor:
-    """Loads the model once; each call samples the work items of one Ray Data batch."""
+    """Loads the model once; each call samples the work items of one Ray Data batch and writes each as its own part."""
 
     def __init__(self, spec: ModelSpec, checkpoint: str, settings: SamplerSettings, codec: str, seed: int, stream: str,
-                 threads: int, use_gpu: bool, bf16: bool):
+                 dest: str, threads: int, use_gpu: bool, bf16: bool):
         self.codec = CODECS[codec]
         self.device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
         if self.device.type == "cpu":
             set_torch_threads(threads)
         self.family, self.net = load_model(spec, checkpoint, self.device)
         self.settings = self.family.sampler_settings(settings)
-        self.seed, self.stream, self.bf16 = seed, stream, bf16
+        self.seed, self.stream, self.bf16, self.dest = seed, stream, bf16, dest
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list] = {"index": [], "label": [], "seed": [], "samples": []}
         for start, count in zip(batch["start"], batch["count"]):
+            uri = part_uri(self.dest, int(start))
+            if storage.exists(uri):  # a retried item that was written before its actor died
+                continue
             idx = np.arange(int(start), int(start) + int(count))
             labels = balanced_labels(idx, self.family.spec.num_classes)
             seeds = sample_seeds(self.seed, self.stream, idx)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 images = self.family.sample(self.net, torch.from_numpy(labels).to(self.device), seeds, self.settings)
             stored = self.codec.from_model(images).cpu().numpy()
-            out["index"].extend(idx.tolist())
-            out["label"].extend(labels.tolist())
-            out["seed"].extend(seeds)
-            out["samples"].extend(self.codec.encode(s) for s in stored)
-        return {"index": np.array(out["index"], np.int64), "label": np.array(out["label"], np.int64),
-                "seed": np.array(out["seed"], np.int64), self.codec.column: np.array(out["samples"], dtype=object)}
+            table = pa.table({"index": pa.array(idx, pa.int64()), "label": pa.array(labels, pa.int64()),
+                              "seed": pa.array(seeds, pa.int64()),
+                              self.codec.column: pa.array([self.codec.encode(s) for s in stored], pa.binary())})
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+        return {"start": np.asarray(batch["start"], np.int64), "count": np.asarray(batch["count"], np.int64)}
 
 
 def work_items(n: int, batch_size: int) -> list[dict[str, int]]:
     return [{"start": s, "count": min(batch_size, n - s)} for s in range(0, n, batch_size)]
 
 
-def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSettings, codec: str, n: int, seed: int, stream: str,
-                      dest: str, resources, actors: int | None = None) -> dict:
-    """Sample `n` images of `checkpoint` into Parquet files under `dest` (replaced atomically when done).
+def part_uri(dest: str, start: int) -> str:
+    return storage.join(dest, f"part-{start:010d}.parquet")
 
-    `resources`: the `generate` config section (batch size, actors, CPUs/GPUs/threads per actor, bf16, I/O CPUs).
+
+def _missing_items(dest: str, identity: dict, items: list[dict[str, int]], fresh: bool) -> list[dict[str, int]]:
+    """The work items still to sample into `dest`: all of them unless its parts are samples of `identity`."""
+    marker = storage.join(dest, MARKER)
+    if fresh or not storage.exists(marker) or storage.read_json(marker) != identity:
+        storage.remove(dest)
+        storage.write_json_atomic(marker, identity)
+        return items
+    names = _finished_parts(dest)
+    return [it for it in items if part_uri(dest, it["start"]).rsplit("/", 1)[-1] not in names]
+
+
+def _finished_parts(dest: str) -> set[str]:
+    """Names of the parts written under `dest`; temporary files of actors killed mid-write are removed."""
+    fs, path = storage.filesystem(dest)
+    names = {key.rsplit("/", 1)[-1] for key in fs.find(path)}
+    for name in [n for n in names if ".tmp-" in n]:
+        fs.rm(f"{path.rstrip('/')}/{name}")
+    return {n for n in names if ".tmp-" not in n}
+
+
+def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSettings, codec: str, n: int, seed: int, stream: str,
+                      dest: str, resources, actors: int | None = None, fresh: bool = False) -> dict:
+    """Sample `n` images of `checkpoint` into Parquet parts under `dest`, resuming a folder left by an earlier,
+    interrupted call with the same arguments (`fresh`: start over).
+
+    `resources`: the `generate` config section (batch size, actors, CPUs/GPUs/threads per actor, bf16).
     """
     import ray
     from ray.data import ActorPoolStrategy
+
+    from .checkpoints import checkpoint_identity
 
     if n < 1:
         raise NeonError("number of samples must be ≥ 1")
     g = resources
     gpus = actor_gpus(g.gpus_per_actor)
     items = work_items(n, g.batch_size)
+    identity = {"checkpoint": checkpoint_identity(checkpoint), "spec": [spec.family, spec.preset, list(spec.image_shape),
+                spec.num_classes, spec.options], "settings": settings.model_dump(mode="json"), "codec": codec, "n": n,
+                "seed": seed, "stream": stream, "batch_size": g.batch_size, "bf16": g.bf16}
+    todo = _missing_items(dest, identity, items, fresh)
     t0 = time.time()
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map_batches(
-        SamplerActor,
-        fn_constructor_kwargs=dict(spec=spec, checkpoint=checkpoint, settings=settings, codec=codec, seed=seed, stream=stream,
-                                   threads=g.threads_per_actor, use_gpu=gpus > 0, bf16=g.bf16),
-        batch_size=1,
-        compute=ActorPoolStrategy(size=min(actors or g.actors, len(items))),
-        num_cpus=g.cpus_per_actor,
-        num_gpus=gpus,
-    )
-    tmp = f"{dest.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    pafs, tmp_path = storage.pyarrow_filesystem(tmp)
-    try:
-        ds.write_parquet(tmp_path, filesystem=pafs, ray_remote_args={"num_cpus": g.io_cpus})
-        storage.move_dir(tmp, dest)
-    finally:
-        storage.remove(tmp)  # an interrupted write leaves no half set behind
+    if todo:
+        ds = ray.data.from_items(todo, override_num_blocks=len(todo))
+        ds = ds.map_batches(
+            SamplerActor,
+            fn_constructor_kwargs=dict(spec=spec, checkpoint=checkpoint, settings=settings, codec=codec, seed=seed, stream=stream,
+                                       dest=dest, threads=g.threads_per_actor, use_gpu=gpus > 0, bf16=g.bf16),
+            batch_size=1,
+            compute=ActorPoolStrategy(size=min(actors or g.actors, len(todo))),
+            num_cpus=g.cpus_per_actor,
+            num_gpus=gpus,
+            max_restarts=-1,  # a killed or lost sampling actor is replaced, and its item retried
+            max_task_retries=-1,
+        )
+        done = sum(len(b["start"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+        assert done == len(todo), f"{done} of {len(todo)} work items reported"
+    _check_complete(dest, items)
     seconds = time.time() - t0
-    log.info("sampled %d images (%s) in %.1f s (%.1f img/s) → %s", n, stream, seconds, n / seconds, storage.redact_uri(dest))
-    return {"n": n, "seconds": round(seconds, 2), "images_per_second": round(n / seconds, 2), "uri": dest}
+    reused = len(items) - len(todo)
+    log.info("sampled %d images (%s) in %.1f s (%.1f img/s)%s → %s", n, stream, seconds, n / max(seconds, 1e-9),
+             f", {reused} of {len(items)} work items reused" if reused else "", storage.redact_uri(dest))
+    return {"n": n, "seconds": round(seconds, 2), "images_per_second": round(n / max(seconds, 1e-9), 2), "uri": dest,
+            "reused_items": reused}
+
+
+def _check_complete(dest: str, items: list[dict[str, int]]) -> None:
+    """Every work item has its part with exactly its rows: no gap, no duplicate."""
+    import pyarrow.dataset as pads
+
+    names = _finished_parts(dest)
+    missing = [it["start"] for it in items if part_uri(dest, it["start"]).rsplit("/", 1)[-1] not in names]
+    if missing:
+        raise NeonError(f"sampling left {len(missing)} work item(s) unwritten under {storage.redact_uri(dest)} (first at index {missing[0]})")
+    fs, path = storage.filesystem(dest)
+    index = pads.dataset(path, filesystem=fs, format="parquet").to_table(columns=["index"]).column("index").to_numpy()
+    expected = sum(it["count"] for it in items)
+    if len(index) != expected or len(np.unique(index)) != expected:
+        raise NeonError(f"sample set {storage.redact_uri(dest)} holds {len(index)} rows ({len(np.unique(index))} distinct), expected {expected}")

@@ -15,7 +15,7 @@ SCORES = ("fid", "precision", "recall", "fid_floor", "class_consistency", "n", "
 
 def config_parts(cfg: RunConfig) -> tuple:
     return (cfg.data.name, cfg.model.family, cfg.model.preset, cfg.model.options, cfg.scoring_sampler(),
-            cfg.evaluate.scoring_parts(), extractor_fingerprint(cfg), cfg.generate.bf16)
+            cfg.evaluate.hash_parts(), extractor_fingerprint(cfg), cfg.generate.bf16)
 
 
 def run(section: EvaluateConfig, ctx: StageContext) -> Manifest:
@@ -25,7 +25,7 @@ def run(section: EvaluateConfig, ctx: StageContext) -> Manifest:
     rec = ctx.start()
     ensure_ray(cfg.ray)
     reference = reference_statistics(cfg)
-    scores = score_checkpoint(cfg, target, rec.dir, reference)
+    scores = score_checkpoint(cfg, target, rec.dir, reference, fresh=ctx.force)
     rec.inputs = {"checkpoint": target, "reference": reference_uri(cfg)}
     rec.outputs = {"samples": scores["samples"]}
     rec.metrics = {k: scores[k] for k in SCORES}

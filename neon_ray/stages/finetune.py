@@ -12,7 +12,6 @@ import math
 import os
 import time
 
-import numpy as np
 import torch
 
 from .. import storage
@@ -22,7 +21,7 @@ from ..errors import NeonError
 from ..manifest import Manifest
 from ..models.checkpoint import save_checkpoint
 from ..runtime.checkpoints import dataset_of, load_model, set_torch_threads, spec_of, train_images_of
-from ..runtime.cluster import ensure_ray, ray_storage, resolve_use_gpu
+from ..runtime.cluster import ensure_ray, resolve_use_gpu
 from ..runtime.progress import Progress
 from ..runtime.seeds import derive_seed
 from ..training import linear_warmup
@@ -32,7 +31,7 @@ MODEL = "model.safetensors"
 
 
 def config_parts(cfg: RunConfig) -> tuple:
-    return (cfg.seed, cfg.finetune)
+    return (cfg.seed, cfg.finetune.hash_parts())
 
 
 def plan(f: FinetuneConfig) -> dict:
@@ -48,29 +47,31 @@ def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
     rec = ctx.start()
     ensure_ray(cfg.ray)
 
-    import ray
-    from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ..runtime.samplesets import read_samples
+    from ..runtime.train import fit, fresh_start, train_run_config
+
     codec = dataset_of(cfg).codec
-    pafs, path = storage.pyarrow_filesystem(samples)
-    ds = ray.data.read_parquet(path, filesystem=pafs, num_cpus=cfg.generate.io_cpus).select_columns([codec.column, "label"])
-    n = ds.count()
+    n = read_samples(samples, columns=["index"]).num_rows
     if n == 0:
         raise NeonError(f"empty synthetic set: {storage.redact_uri(samples)} holds no images")
     if n < f.batch_size:
         raise NeonError(f"finetune.batch_size: {f.batch_size} exceeds the synthetic set's {n} images")
     use_gpu = resolve_use_gpu(f.use_gpu)
+    name, ray_dir = f"finetune-{ctx.config_hash}", storage.join(rec.dir, "ray")
+    if ctx.force:
+        fresh_start(ray_dir, name)
     trainer = TorchTrainer(
         _finetune_loop,
         train_loop_config={"spec": spec_of(cfg), "codec": codec.kind, "section": f.model_dump(), "seed": cfg.seed, "base": base,
-                           "stage_dir": rec.dir, "plan": p, "use_gpu": use_gpu},
-        scaling_config=ScalingConfig(num_workers=f.workers, use_gpu=use_gpu, resources_per_worker={"CPU": f.cpus_per_worker}),
-        datasets={"train": ds},
-        run_config=TrainRunConfig(name=f"finetune-{ctx.config_hash}", **ray_storage(storage.join(rec.dir, "ray"))),
+                           "samples": samples, "stage_dir": rec.dir, "plan": p, "use_gpu": use_gpu, "config_hash": ctx.config_hash},
+        scaling_config=ScalingConfig(num_workers=f.workers, use_gpu=use_gpu, resources_per_worker={"CPU": f.cpus_per_worker},
+                                     placement_strategy=f.placement_strategy),
+        run_config=train_run_config(name, ray_dir, f.max_failures),
     )
-    trainer.fit()
+    fit(trainer, "finetune", f.max_failures)
     summary = storage.read_json(storage.join(rec.dir, "train_summary.json"))
     base_images = train_images_of(base, cfg.model.base_train_images)
     rec.inputs = {"base_checkpoint": base, "samples": samples}
@@ -120,82 +121,71 @@ def _gather_fp32_state(engine, net: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def _micro_batches(shard, micro_batch: int, cache: bool, seed: int, rank: int):
-    """Endless micro-batches of this worker's shard of S, reshuffled every epoch.
-
-    With `cache`, the shard is read once and kept encoded (S is small: 1k–50k images of a few hundred
-    bytes to a few KB); epochs are then seeded permutations of it. Otherwise every epoch streams the
-    shard again through Ray Data (each pass restarts its pipeline: seconds per epoch).
-    """
-    epoch = 0
-    if cache:
-        parts = list(shard.iter_batches(batch_size=4096, batch_format="numpy"))
-        table = {k: np.concatenate([b[k] for b in parts]) for k in parts[0]} if parts else {}
-        n = len(table.get("label", ()))
-        if n < micro_batch:
-            raise NeonError(f"finetune.batch_size: worker {rank}'s shard of S holds {n} samples, fewer than its micro-batch {micro_batch}")
-        while True:
-            order = np.random.default_rng(derive_seed(seed, "ft", rank, epoch) % (2**63)).permutation(n)
-            for start in range(0, n - micro_batch + 1, micro_batch):  # drop_last: equal micro-batches
-                idx = order[start : start + micro_batch]
-                yield {k: v[idx] for k, v in table.items()}
-            epoch += 1
-    while True:
-        yielded = False
-        for batch in shard.iter_batches(batch_size=micro_batch, batch_format="numpy", drop_last=True,
-                                        local_shuffle_buffer_size=4 * micro_batch,
-                                        local_shuffle_seed=derive_seed(seed, "ft", rank, epoch) % (2**31)):
-            yielded = True
-            yield batch
-        if not yielded:
-            raise NeonError(f"finetune.batch_size: worker {rank}'s shard of S is smaller than its micro-batch {micro_batch}")
-        epoch += 1
-
-
 def _finetune_loop(loop_cfg: dict) -> None:
-    """Runs on every Ray Train worker: DeepSpeed engine over this worker's shard of S."""
+    """Runs on every Ray Train worker: DeepSpeed over this worker's share of S, resuming from the latest checkpoint."""
     import ray.train
     import ray.train.torch
 
     from ..data.codec import CODECS
+    from ..runtime.shards import SampleShard
+    from ..runtime.train import UnusableCheckpoint, report_deepspeed, restore_deepspeed
 
     if not loop_cfg["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
 
     f = FinetuneConfig.model_validate(loop_cfg["section"])
-    p, stage_dir, seed = loop_cfg["plan"], loop_cfg["stage_dir"], loop_cfg["seed"]
-    rank = ray.train.get_context().get_world_rank()
+    p, stage_dir, seed, h = loop_cfg["plan"], loop_cfg["stage_dir"], loop_cfg["seed"], loop_cfg["config_hash"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     set_torch_threads(f.threads_per_worker)
     device = ray.train.torch.get_device()
-
-    family, net = load_model(loop_cfg["spec"], loop_cfg["base"])
     codec = CODECS[loop_cfg["codec"]]
-    net.train()
-    opt = torch.optim.AdamW(net.parameters(), lr=f.lr, weight_decay=f.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, p["warmup_steps"]))
-    engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched, config=_deepspeed_config(f, p["micro_batch"]),
-                                           dist_init_required=False)
-    dtype = torch.bfloat16 if f.bf16 else torch.float32
-    shard = ray.train.get_dataset_shard("train")
+    shard = SampleShard(loop_cfg["samples"], codec.column, rank, world)
 
-    step, losses, history, t0 = 0, [], [], time.time()
+    def engine_from_base():
+        family, net = load_model(loop_cfg["spec"], loop_cfg["base"])
+        net.train()
+        opt = torch.optim.AdamW(net.parameters(), lr=f.lr, weight_decay=f.weight_decay)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, p["warmup_steps"]))
+        engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched,
+                                               config=_deepspeed_config(f, p["micro_batch"]), dist_init_required=False)
+        return family, net, engine, sched
+
+    family, net, engine, sched = engine_from_base()
+    try:
+        client = restore_deepspeed(engine, "finetune", h)
+    except UnusableCheckpoint:
+        family, net, engine, sched = engine_from_base()
+        client = None
+    start, losses, history, initial = 0, [], [], None
     shown = Progress()
-    for batch in _micro_batches(shard, p["micro_batch"], f.cache_shard, seed, rank):
-        if step >= p["steps"]:
-            break
+    if client is not None:
+        start, losses, history, initial = int(client["step"]), list(client["losses"]), list(client["history"]), client["initial_loss"]
+        if rank == 0:
+            shown.update(f"[finetune] resuming at step {start}/{p['steps']} from the latest checkpoint", final=True)
+    dtype = torch.bfloat16 if f.bf16 else torch.float32
+
+    t0 = time.time()
+    for step in range(start, p["steps"]):
+        torch.manual_seed(derive_seed(seed, "finetune-torch", rank, step))  # dropout etc.: the same draws after a resume
+        batch = shard.micro_batch(step, p["micro_batch"], seed)
         x = codec.to_model(torch.from_numpy(codec.decode_batch(batch[codec.column]))).to(device, dtype)
-        y = torch.from_numpy(batch["label"].astype("int64")).to(device)
+        y = torch.from_numpy(batch["label"]).to(device)
         gen = torch.Generator().manual_seed(derive_seed(seed, "finetune-noise", rank, step))
         loss = family.training_loss(engine, x, y, gen)
         engine.backward(loss)
         engine.step()
-        losses.append(loss.item())
-        step += 1
-        if step == 1 or step % 10 == 0 or step == p["steps"]:
-            history.append({"step": step, "loss": sum(losses[-10:]) / len(losses[-10:]), "lr": sched.get_last_lr()[0]})
+        losses = (losses + [loss.item()])[-10:]
+        initial = losses[0] if initial is None else initial
+        done = step + 1
+        if done == 1 or done % 10 == 0 or done == p["steps"]:
+            history.append({"step": done, "loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0]})
             if rank == 0:
-                shown.update(f"[finetune] step {step}/{p['steps']} loss {history[-1]['loss']:.4f}", final=step == p["steps"])
+                shown.update(f"[finetune] step {done}/{p['steps']} loss {history[-1]['loss']:.4f}", final=done == p["steps"])
+        if done % f.checkpoint_every == 0 and done < p["steps"]:
+            report_deepspeed(engine, {"step": done, "loss": sum(losses) / len(losses)},
+                             {"step": done, "losses": losses, "history": history, "initial_loss": initial, "config_hash": h})
     seconds = time.time() - t0
 
     state = _gather_fp32_state(engine, net)  # collective under ZeRO-3
@@ -203,7 +193,7 @@ def _finetune_loop(loop_cfg: dict) -> None:
         save_checkpoint(storage.join(stage_dir, MODEL), state, family.spec, finetune_images=p["images"])
         storage.write_json_atomic(storage.join(stage_dir, "history.json"), history)
         storage.write_json_atomic(storage.join(stage_dir, "train_summary.json"), {
-            "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-            "initial_loss": losses[0],
-            "images_per_second": round(p["images"] / max(seconds, 1e-9), 1),
+            "final_loss": sum(losses) / len(losses) if losses else None,
+            "initial_loss": initial,
+            "images_per_second": round((p["steps"] - start) * f.batch_size / max(seconds, 1e-9), 1),
         })

@@ -29,10 +29,10 @@ def run(section: GenerateConfig, ctx: StageContext) -> Manifest:
     rec = ctx.start()
     ensure_ray(cfg.ray)
     info = sample_to_parquet(spec, base, cfg.sampler, dataset_of(cfg).kind, section.num_samples, cfg.seed, STREAM,
-                             storage.join(rec.dir, "samples"), section)
+                             storage.join(rec.dir, "samples"), section, fresh=ctx.force)
     rec.inputs = {"base_checkpoint": base}
     rec.outputs = {"samples": info["uri"]}
-    rec.metrics = {"n_synthetic": info["n"], "images_per_second": info["images_per_second"]}
+    rec.metrics = {"n_synthetic": info["n"], "images_per_second": info["images_per_second"], "reused_items": info["reused_items"]}
     rec.params = {"seed": cfg.seed, "stream": STREAM, "actors": section.actors,
                   **{f"sampler.{k}": v for k, v in cfg.sampler.model_dump().items()}}
     return rec.finish()

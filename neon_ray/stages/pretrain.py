@@ -7,10 +7,7 @@ its metadata. Resumable: a progress checkpoint every `pretrain.checkpoint_every`
 from __future__ import annotations
 
 import copy
-import io
 import logging
-import os
-import tempfile
 import time
 
 import torch
@@ -22,7 +19,7 @@ from ..data import get_dataset
 from ..manifest import Manifest
 from ..models.checkpoint import save_checkpoint
 from ..runtime.checkpoints import dataset_of, family_for, set_torch_threads, spec_of
-from ..runtime.cluster import ensure_ray, ray_storage, resolve_use_gpu
+from ..runtime.cluster import ensure_ray, resolve_use_gpu
 from ..runtime.progress import Progress
 from ..runtime.seeds import derive_seed
 from ..training import count_parameters, ema_update, warmup_cosine
@@ -32,7 +29,7 @@ BASE_MODEL = "model.safetensors"
 
 
 def config_parts(cfg: RunConfig) -> tuple:
-    return (cfg.seed, cfg.data, cfg.model.family, cfg.model.preset, cfg.model.options, cfg.pretrain)
+    return (cfg.seed, cfg.data, cfg.model.family, cfg.model.preset, cfg.model.options, cfg.pretrain.hash_parts())
 
 
 def run(p: PretrainConfig, ctx: StageContext) -> Manifest:
@@ -41,19 +38,24 @@ def run(p: PretrainConfig, ctx: StageContext) -> Manifest:
     rec = ctx.start()
     ensure_ray(cfg.ray)
 
-    from ray.train import RunConfig as TrainRunConfig
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from ..runtime.train import fit, fresh_start, train_run_config
+
     use_gpu = resolve_use_gpu(p.use_gpu)
+    name, ray_dir = f"pretrain-{ctx.config_hash}", storage.join(rec.dir, "ray")
+    if ctx.force:
+        fresh_start(ray_dir, name)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"spec": spec_of(cfg), "data": cfg.data.model_dump(), "section": p.model_dump(), "seed": cfg.seed,
                            "stage_dir": rec.dir, "config_hash": ctx.config_hash},
-        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu, resources_per_worker={"CPU": p.cpus_per_worker}),
-        run_config=TrainRunConfig(name=f"pretrain-{ctx.config_hash}", **ray_storage(storage.join(rec.dir, "ray"))),
+        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu, resources_per_worker={"CPU": p.cpus_per_worker},
+                                     placement_strategy=p.placement_strategy),
+        run_config=train_run_config(name, ray_dir, p.max_failures),
     )
-    trainer.fit()
+    fit(trainer, "pretrain", p.max_failures)
     summary = storage.read_json(storage.join(rec.dir, "train_summary.json"))
     rec.outputs = {"model": storage.join(rec.dir, BASE_MODEL), "history": storage.join(rec.dir, "history.json")}
     rec.metrics = {k: summary[k] for k in ("final_loss", "train_images", "parameters", "images_per_second")}
@@ -61,27 +63,12 @@ def run(p: PretrainConfig, ctx: StageContext) -> Manifest:
     return rec.finish()
 
 
-def _save_progress(uri: str, state: dict) -> None:
-    """Resumable training state: tensors and plain containers only (loaded with weights_only=True)."""
-    with tempfile.TemporaryDirectory(prefix="neon-progress-") as tmp:
-        local = os.path.join(tmp, "progress.pt")
-        torch.save(state, local)
-        storage.upload_file_atomic(local, uri)
-
-
-def _load_progress(uri: str) -> dict | None:
-    if not storage.exists(uri):
-        return None
-    try:
-        return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - a torn/corrupt progress file means "start over"
-        return None
-
-
 def _train_loop(loop_cfg: dict) -> None:
     """Runs on every Ray Train worker. Batches are drawn from (seed, step); noise from (seed, rank, step)."""
     import ray.train
     import ray.train.torch
+
+    from ..runtime.train import report_state, restored_state
 
     p = PretrainConfig.model_validate(loop_cfg["section"])
     data = DataConfig.model_validate(loop_cfg["data"])
@@ -95,20 +82,20 @@ def _train_loop(loop_cfg: dict) -> None:
     images, labels = dataset.load("train")
     images_t, labels_t = torch.from_numpy(images), torch.from_numpy(labels)
     family = family_for(loop_cfg["spec"])
+    torch.manual_seed(derive_seed(seed, "pretrain-init"))  # the network's initialisation, like every other draw, keyed by the seed
     net = family.build()
     ema = copy.deepcopy(net).requires_grad_(False)
     opt = torch.optim.AdamW(net.parameters(), lr=p.lr, weight_decay=p.weight_decay)
-    progress_uri = storage.join(stage_dir, "progress", "state.pt")
     history: list[dict] = []
     step0 = 0
     shown = Progress()
-    if (state := _load_progress(progress_uri)) is not None and state.get("config_hash") == h:
+    if (state := restored_state("pretrain", h)) is not None:
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["opt"])
         step0, history = int(state["step"]), list(state.get("history", []))
         if rank == 0:
-            shown.update(f"[pretrain] resuming at step {step0}/{p.steps}")
+            shown.update(f"[pretrain] resuming at step {step0}/{p.steps} from the latest checkpoint", final=True)
     net.to(device)
     ema.to(device)
     model = ray.train.torch.prepare_model(net) if world > 1 else net
@@ -119,6 +106,7 @@ def _train_loop(loop_cfg: dict) -> None:
 
     t0, seen0, running = time.time(), step0 * p.batch_size, []
     for step in range(step0, p.steps):
+        torch.manual_seed(derive_seed(seed, "pretrain-torch", rank, step))  # dropout etc.: the same draws after a resume
         for group in opt.param_groups:
             group["lr"] = p.lr * warmup_cosine(step, p.steps, p.warmup_steps, final_fraction=0.05)
         g = torch.Generator().manual_seed(derive_seed(seed, "pretrain-batch", step))
@@ -144,9 +132,10 @@ def _train_loop(loop_cfg: dict) -> None:
                 eta = (p.steps - step - 1) * p.batch_size / max(rate, 1e-9)
                 shown.update(f"[pretrain] step {step + 1}/{p.steps} loss {mean_loss:.4f} {rate:.0f} img/s eta {eta / 60:.1f} min",
                              final=step + 1 == p.steps)
-        if rank == 0 and ((step + 1) % p.checkpoint_every == 0) and step + 1 < p.steps:
-            _save_progress(progress_uri, {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(),
-                                          "step": step + 1, "history": history, "config_hash": h})
+        if (step + 1) % p.checkpoint_every == 0 and step + 1 < p.steps:  # every rank reports; rank 0 attaches the state
+            state = {"net": net.state_dict(), "ema": ema.state_dict(), "opt": opt.state_dict(), "step": step + 1,
+                     "history": history, "config_hash": h} if rank == 0 else None
+            report_state({"step": step + 1}, state)
 
     if rank == 0:
         train_images = p.steps * p.batch_size
@@ -158,4 +147,3 @@ def _train_loop(loop_cfg: dict) -> None:
             "parameters": count_parameters(net),
             "images_per_second": round(((p.steps * p.batch_size) - seen0) / max(time.time() - t0, 1e-9), 1),
         })
-        storage.remove(storage.join(stage_dir, "progress"))

@@ -19,7 +19,7 @@ log = logging.getLogger("neon_ray")
 
 def trial_parts(cfg: RunConfig) -> tuple:
     """What one trial's score depends on besides θ_base and θ_ft. Not the grid: a w scored once is reused by any grid holding it."""
-    return (cfg.scoring_sampler(), cfg.evaluate.scoring_parts(), extractor_fingerprint(cfg), cfg.generate.bf16,
+    return (cfg.scoring_sampler(), cfg.evaluate.hash_parts(), extractor_fingerprint(cfg), cfg.generate.bf16,
             cfg.tune.allow_negative_w)
 
 
@@ -39,8 +39,8 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
     from tuning.trainable import MODEL, SCORES, trial_dir
 
     reference = reference_statistics(cfg)  # computed once on the driver, read by every trial
-    trials = grid_search(cfg, base, finetuned, rec.dir, trial_hash, f"tune-{ctx.config_hash}", ctx.tracker, ctx.run_id)
-    best = min(trials, key=lambda r: r["fid"])
+    trials, best = grid_search(cfg, base, finetuned, rec.dir, trial_hash, f"tune-{ctx.config_hash}", ctx.tracker, ctx.run_id,
+                               fresh=ctx.force)
     best_model = storage.join(trial_dir(rec.dir, best["w"]), MODEL)
     if not storage.exists(best_model):  # a trial reused from an earlier grid, whose merged model was not the best then
         merge_uris(base, finetuned, best_model, best["w"], allow_negative=section.allow_negative_w)

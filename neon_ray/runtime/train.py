@@ -1,0 +1,156 @@
+"""Ray Train glue shared by pretrain and finetune: run configs on the output, checkpoints, and failures.
+
+Checkpoints go through Ray Train (`ray.train.report(..., checkpoint=...)`); Ray stores them under the
+stage's run directory on the output (`<output>/<stage>/ray/<name>/`) and hands the latest one back
+through `ray.train.get_checkpoint()` after a worker failure (FailureConfig) and when the same stage is
+run again after the driver stopped (Ray Train restores a run from its storage by name). The run name
+holds the stage's config hash, so a checkpoint of another config is never picked up.
+
+Loading never unpickles: plain training state is `torch.load(weights_only=True)`; DeepSpeed's own
+checkpoint files are loaded by DeepSpeed with torch's weights-only unpickler forced on and only
+DeepSpeed's three plain record types allowed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+
+import torch
+
+from .. import storage
+from ..errors import NeonError
+from .cluster import ray_storage
+from .progress import emit
+
+log = logging.getLogger("neon_ray")
+STATE_FILE = "state.pt"
+
+
+def train_run_config(name: str, storage_uri: str, max_failures: int):
+    """A Ray Train RunConfig whose state lives under `storage_uri` (the stage's folder on the output)."""
+    from ray.train import CheckpointConfig, FailureConfig
+    from ray.train import RunConfig as TrainRunConfig
+
+    return TrainRunConfig(name=name, failure_config=FailureConfig(max_failures=max_failures),
+                          checkpoint_config=CheckpointConfig(num_to_keep=2), **ray_storage(storage_uri))
+
+
+def fresh_start(storage_uri: str, name: str) -> None:
+    """Forget a run's checkpoints (`--force`: redo the stage from scratch rather than resume it)."""
+    storage.remove(storage.join(storage_uri, name))
+
+
+def fit(trainer, stage: str, max_failures: int):
+    """`trainer.fit()`, with a failure that exhausted `max_failures` reported in one line with the last worker error."""
+    from ray.train import TrainingFailedError
+
+    try:
+        return trainer.fit()
+    except TrainingFailedError as exc:
+        cause = exc.__cause__ or exc
+        last = next((line.strip() for line in reversed(str(cause).strip().splitlines()) if line.strip()), type(cause).__name__)
+        raise NeonError(f"{stage}: training failed after {max_failures} recovered failure(s); last worker error: {last[:300]}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Plain training state (pretrain)
+
+
+def report_state(metrics: dict, state: dict | None) -> None:
+    """Report from every worker; the worker passing `state` (rank 0) attaches it as the checkpoint."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="neon-ckpt-") as tmp:
+        checkpoint = None
+        if state is not None:
+            torch.save(state, os.path.join(tmp, STATE_FILE))
+            checkpoint = Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def restored_state(stage: str, config_hash: str) -> dict | None:
+    """The state of the latest checkpoint of this run, or None (no checkpoint; or an unreadable or foreign one,
+    said in one line: the stage then starts afresh rather than reuse it)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    try:
+        with checkpoint.as_directory() as folder:
+            state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
+        if state.get("config_hash") != config_hash:
+            raise ValueError(f"it was made for config {state.get('config_hash')}, this run is {config_hash}")
+        return state
+    except Exception as exc:  # noqa: BLE001 - a torn, corrupt or foreign checkpoint means "start over", never reuse
+        emit(f"[{stage}] checkpoint {checkpoint.path} cannot be used ({type(exc).__name__}: {str(exc)[:160]}); starting afresh")
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# DeepSpeed state (finetune)
+
+
+@contextlib.contextmanager
+def deepspeed_weights_only() -> Iterator[None]:
+    """DeepSpeed loads its checkpoint files with torch.load(weights_only=False): force the weights-only
+    unpickler, allowing only DeepSpeed's plain records (loss-scaler settings, the ZeRO stage enum, fragment
+    addresses)."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+            yield
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
+        else:
+            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
+
+
+DS_TAG = "ds"
+
+
+def report_deepspeed(engine, metrics: dict, client_state: dict) -> None:
+    """Every rank writes its part of DeepSpeed's checkpoint (engine.save_checkpoint) and reports it; Ray Train
+    gathers the parts of all ranks into one checkpoint directory."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="neon-ds-") as tmp:
+        engine.save_checkpoint(tmp, tag=DS_TAG, client_state=client_state, save_latest=False)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+
+
+class UnusableCheckpoint(Exception):
+    """The latest checkpoint could not be loaded (said in one line); the engine may hold part of it: rebuild it."""
+
+
+def restore_deepspeed(engine, stage: str, config_hash: str) -> dict | None:
+    """Load the latest checkpoint of this run into `engine` (DeepSpeed's own API) and return its client state;
+    None without a checkpoint; UnusableCheckpoint when it cannot be used (then start afresh on a new engine)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    try:
+        with checkpoint.as_directory() as folder, deepspeed_weights_only():
+            path, client = engine.load_checkpoint(folder, tag=DS_TAG, load_module_strict=True)
+        if path is None:
+            raise ValueError("no DeepSpeed checkpoint in it")
+        if client.get("config_hash") != config_hash:
+            raise ValueError(f"it was made for config {client.get('config_hash')}, this run is {config_hash}")
+        return client
+    except Exception as exc:  # noqa: BLE001 - see restored_state
+        emit(f"[{stage}] checkpoint {checkpoint.path} cannot be used ({type(exc).__name__}: {str(exc)[:160]}); starting afresh")
+        raise UnusableCheckpoint(str(exc)) from None
