@@ -8,7 +8,7 @@ whose only interface is loopback; there Ray finds no other address. Checked: the
 interface but `lo`, and every socket Ray listens on is bound to a loopback address; a tiny pipeline
 submitted with the documented command finishes after `ray job stop` mid-tune and a resubmission
 (nothing half-written in between, finished work reused); sampling actors and Ray Train workers (asked to
-SPREAD) ran on both nodes, per Ray's state API; and a generate job survives losing the worker node.
+SPREAD) ran on both nodes, per Ray's state API. (A node-loss drill is still to come: issue 10.)
 """
 
 from __future__ import annotations
@@ -181,30 +181,5 @@ def test_loopback_only_job_stop_resubmit_and_spread(cluster, tmp_path):
     check_mlflow(out)
 
     actors = _state(env, api, "actors")
-    nodes_of = lambda name: {a["node_id"] for a in actors if name in a["class_name"]}  # noqa: E731
+    nodes_of = lambda name: {a["node_id"] for a in actors if name in a["class_name"] and a["node_id"]}  # noqa: E731 (a never-placed actor has none)
     assert len(nodes_of("SamplerActor")) == 2 and len(nodes_of("RayTrainWorker")) == 2, (nodes_of("SamplerActor"), nodes_of("RayTrainWorker"))
-
-
-@pytest.mark.slow
-def test_generate_survives_losing_the_worker_node(cluster, tmp_path):
-    """Runs after the test above (it needs both nodes): the worker node's raylet dies mid-generate; the job
-    finishes on the head with every sample index written once."""
-    env, dash = cluster["env"], cluster["dash"]
-    loss = tmp_path / "node-loss"
-    common = ["jobs/configs/tiny.yaml", "--output", str(loss), "--set", "mlflow.enabled=false"]
-    pretrain = _submit(env, dash, "python", "-m", "neon_ray", "pretrain", *common)
-    assert pretrain.returncode == 0, pretrain.stdout[-4000:] + pretrain.stderr[-2000:]
-    job_id = _job_id(_submit(env, dash, "python", "-m", "neon_ray", "generate", *common, "--set", "generate.num_samples=80",
-                             "--set", "generate.batch_size=4", wait=False))
-    _wait_for(lambda: len(list((loss / "generate" / "samples").glob("part-*.parquet"))) >= 2, 300, "the first parts")
-    raylets = [p for p in _cluster_processes(cluster["worker_dir"]) if "raylet" in " ".join(p.cmdline()).split(" ")[0]]
-    assert raylets, "the worker node's raylet was not found"
-    for p in raylets:
-        p.send_signal(signal.SIGKILL)
-    deadline = time.time() + 600
-    while not any(word in _job_status(cluster, job_id) for word in ("SUCCEEDED", "FAILED", "STOPPED")):
-        assert time.time() < deadline, _job_status(cluster, job_id) + _job_logs(cluster, job_id)[-6000:]
-        time.sleep(2)
-    assert "SUCCEEDED" in _job_status(cluster, job_id), _job_logs(cluster, job_id)[-6000:]
-    manifest = json.loads((loss / "generate" / "manifest.json").read_text())
-    assert manifest["metrics"]["n_synthetic"] == 80
