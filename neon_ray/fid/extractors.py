@@ -16,7 +16,6 @@ compared; any other weights give a space named by the file's hash.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.util
 import os
@@ -29,6 +28,7 @@ from safetensors.torch import load_file
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
 from ..errors import NeonError
+from ..models.checkpoint import weights_only_loads
 from .classifier import FashionClassifier
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
@@ -265,20 +265,6 @@ def feature_space(name: str, configured_weights: str | None) -> str:
     return f"{fingerprint(name, configured_weights)}/{e.feature}"
 
 
-@contextlib.contextmanager
-def _weights_only_loads():
-    """torch-fidelity's InceptionV3 loads its weights with a full unpickler; this makes torch.load refuse pickled objects."""
-    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
-
-
 def create_extractor(name: str, configured_weights: str | None, features: list[str], device: str = "cpu"):
     """An extractor instance created through torch-fidelity's own factory (weights loaded without unpickling)."""
     from torch_fidelity.utils import create_feature_extractor
@@ -286,7 +272,7 @@ def create_extractor(name: str, configured_weights: str | None, features: list[s
     register_extractors()
     path = get_extractor(name).weights(configured_weights)
     try:
-        with _weights_only_loads():
+        with weights_only_loads():  # torch-fidelity's InceptionV3 loads its weights with a full unpickler
             extractor = create_feature_extractor(name, features, cuda=False, verbose=False, feature_extractor_weights_path=path)
     except NeonError:
         raise
