@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("generate", "sample the synthetic set S with Ray Data actors → Parquet"),
         ("finetune", "fine-tune θ_base on S with Ray Train + DeepSpeed → θ_ft"),
         ("evaluate", "FID of the base model (or --checkpoint) against the reference statistics"),
-        ("tune", "Ray Tune over w: merge + evaluate per trial"),
+        ("tune", "Ray Tune over w and the sampler (tune.space): merge + score per trial and rung, then the rescored headline"),
     ]:
         p = sub.add_parser(name, help=text)
         _add_common(p)

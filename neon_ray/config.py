@@ -170,8 +170,52 @@ class EvaluateConfig(Section):
         return name
 
 
+class SearchDimension(Section):
+    """One searched field of `tune.space`: a list of values (`choice`) or a range (`low`, `high`, `scale`)."""
+
+    choice: list[Any] | None = None
+    low: float | None = None
+    high: float | None = None
+    scale: Literal["uniform", "log"] = "uniform"
+
+    @model_validator(mode="after")
+    def _check(self) -> "SearchDimension":
+        if self.choice is not None:
+            if self.low is not None or self.high is not None:
+                raise FieldError("choice", "give either choice: [...] or a range (low, high), not both")
+            if not self.choice:
+                raise FieldError("choice", "must hold at least one value (empty choice list)")
+            for i, v in enumerate(self.choice):
+                if v in self.choice[:i]:
+                    raise FieldError(f"choice[{i}]", f"duplicate value {v!r}")
+            return self
+        if self.low is None or self.high is None:
+            raise FieldError("low" if self.low is None else "high", "a range needs both low and high (or give choice: [...])")
+        if not self.low < self.high:
+            raise FieldError("high", f"must be greater than low={self.low} (empty or inverted range)")
+        if self.scale == "log" and self.low <= 0:
+            raise FieldError("low", f"a log range needs low > 0, got {self.low}")
+        return self
+
+    @property
+    def is_range(self) -> bool:
+        return self.choice is None
+
+
+SEARCHERS = ("grid", "optuna", "bracket")
+
+
 class TuneConfig(Section):
-    w_grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5])
+    w_grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5],
+                                description="The w values of the grid searcher (when tune.space has no `w`), and the default w range (min..max) of the others.")
+    search: Literal["grid", "optuna", "bracket"] = Field("grid", description="grid: every combination; optuna: Optuna's TPE through Ray Tune's OptunaSearch; bracket: golden-section over w at each sampler setting.")
+    space: dict[str, SearchDimension] = Field(default_factory=dict, description="Searched fields: `w` and any field of the family's sampler, each a choice list or a range. Sampler fields searched here are searched for the base (w = 0) too.")
+    num_trials: int = Field(20, ge=2, description="Trials of the optuna searcher (base and Neon arms together).")
+    bracket_steps: int = Field(5, ge=2, description="Golden-section evaluations of w per sampler setting (bracket searcher), besides w = 0.")
+    rungs: list[int] = Field(default_factory=list, description="Sample counts each trial is scored at, increasing (multi-fidelity); empty: evaluate.num_samples only. Trials are compared only at equal n.")
+    scheduler: Literal["fifo", "asha"] = Field("fifo", description="asha: Ray Tune's ASHA stops poor Neon trials at a rung (the base arm always runs every rung).")
+    reduction_factor: int = Field(3, ge=2, description="ASHA's reduction factor: the top 1/reduction_factor of a rung go on.")
+    final_seeds: int = Field(3, ge=0, description="Independent evaluation seed sets (none used by the search) the best base and the best Neon are rescored with at evaluate.num_samples: the headline's mean ± sd. 0: no rescoring (the headline is then the search's own, optimistically selected, scores).")
     max_concurrent_trials: int = Field(1, ge=1)
     cpus_per_trial: float = Field(0.01, gt=0, description="A trial only orchestrates; its sampling and features run in Ray Data actors with their own CPUs.")
     allow_negative_w: bool = False
@@ -187,7 +231,50 @@ class TuneConfig(Section):
             _check_w(w, f"w_grid[{i}]", self.allow_negative_w)
             if w in self.w_grid[:i]:
                 raise FieldError(f"w_grid[{i}]", f"duplicate value {w} (each w is scored once)")
+        if (w := self.space.get("w")) is not None:
+            if w.is_range:
+                _check_w(w.low, "space.w.low", self.allow_negative_w)
+            else:
+                for i, v in enumerate(w.choice):
+                    if not isinstance(v, (int, float)) or isinstance(v, bool):
+                        raise FieldError(f"space.w.choice[{i}]", f"must be a number, got {v!r}")
+                    _check_w(float(v), f"space.w.choice[{i}]", self.allow_negative_w)
+        for i, n in enumerate(self.rungs):
+            if n < 2:
+                raise FieldError(f"rungs[{i}]", f"must be ≥ 2 samples (FID needs two), got {n}")
+            if i and n <= self.rungs[i - 1]:
+                raise FieldError(f"rungs[{i}]", f"rungs must increase: {n} follows {self.rungs[i - 1]}")
+        if self.search == "grid":
+            for name, dim in self.space.items():
+                if dim.is_range:
+                    raise FieldError(f"space.{name}", "the grid searcher needs choice: [...] (a range needs search: optuna or bracket)")
+        if self.search == "bracket":
+            for name, dim in self.space.items():
+                if name != "w" and dim.is_range:
+                    raise FieldError(f"space.{name}", "the bracket searcher brackets w at each sampler setting: give choice: [...] for sampler fields")
+            if (w := self.space.get("w")) is not None and not w.is_range:
+                raise FieldError("space.w", "the bracket searcher needs a range for w (low, high)")
+            if self.scheduler == "asha":
+                raise FieldError("scheduler", "asha stops trials the bracket search needs; use scheduler: fifo with search: bracket (it brackets on the first rung and rescores the best)")
+        if self.scheduler == "asha" and len(self.rungs) < 2:
+            raise FieldError("scheduler", "asha needs at least two rungs (tune.rungs: [1000, 2500, ...])")
+        if self.search == "optuna":
+            import importlib.util
+
+            if importlib.util.find_spec("optuna") is None:
+                raise FieldError("search", "optuna is not installed: pip install optuna==5.0.0 (pinned in requirements.txt)")
         return self
+
+    def w_dimension(self) -> SearchDimension:
+        """The searched w: `space.w`, else the grid `w_grid` (grid searcher) or its range min..max (the others)."""
+        if "w" in self.space:
+            return self.space["w"]
+        if self.search == "grid" or len(self.w_grid) < 2:
+            return SearchDimension(choice=sorted(float(w) for w in self.w_grid))
+        return SearchDimension(low=min(self.w_grid), high=max(self.w_grid))
+
+    def sampler_space(self) -> dict[str, SearchDimension]:
+        return {k: v for k, v in self.space.items() if k != "w"}
 
 
 def _resolve_local(path: str | None, keep_if_missing: bool = False) -> str | None:
@@ -265,7 +352,34 @@ class RunConfig(Section):
         if unknown:
             raise ConfigError(f"evaluate.sampler.{unknown[0]}: unknown field (the family's sampler has {fields})")
         self._scoring_sampler = family.validate_sampler({**self.sampler.model_dump(), **self.evaluate.sampler}, field="evaluate.sampler")
+        self._check_search_space(family, fields)
         return self
+
+    def _check_search_space(self, family, fields: list[str]) -> None:
+        """tune.space names sampler fields of this family with values its schema takes; rungs fit evaluate.num_samples."""
+        scoring = self._scoring_sampler.model_dump()
+        for name, dim in self.tune.sampler_space().items():
+            if name not in fields:
+                raise ConfigError(f"tune.space.{name}: the {family.name} sampler has no field {name!r}; its fields: {fields}")
+            numeric = isinstance(scoring[name], (int, float)) and not isinstance(scoring[name], bool)
+            if dim.is_range and not numeric:
+                raise ConfigError(f"tune.space.{name}: a range needs a numeric field ({name} is {scoring[name]!r}); give choice: [...]")
+            values = [dim.low, dim.high] if dim.is_range else dim.choice
+            for i, v in enumerate(values):
+                where = (("low", "high")[i] if dim.is_range else f"choice[{i}]")
+                if dim.is_range and isinstance(scoring[name], int):
+                    v = int(v)
+                try:
+                    family.validate_sampler({**scoring, name: v}, field="sampler")
+                except ConfigError as exc:
+                    raise ConfigError(f"tune.space.{name}.{where}: {str(exc).split(': ', 1)[-1]}") from None
+        if self.tune.rungs and self.tune.rungs[-1] > self.evaluate.num_samples:
+            raise ConfigError(f"tune.rungs[{len(self.tune.rungs) - 1}]: {self.tune.rungs[-1]} exceeds evaluate.num_samples="
+                              f"{self.evaluate.num_samples} (the full n every result is reported at)")
+
+    def search_rungs(self) -> list[int]:
+        """The sample counts a trial is scored at: tune.rungs, else evaluate.num_samples alone."""
+        return list(self.tune.rungs) or [self.evaluate.num_samples]
 
     def for_workers(self) -> dict[str, Any]:
         """The config as Ray workers receive it: without the tracking section (only the driver talks to MLflow,

@@ -177,29 +177,42 @@ def run(cfg: RunConfig, force: bool = False) -> dict:
 
 
 def _summary(cfg: RunConfig, m: dict[str, Manifest], seconds: dict[str, float], tracker: Tracker) -> dict:
-    """The headline numbers; files are named relative to the output root."""
+    """The headline numbers; files are named relative to the output root.
+
+    With `tune.final_seeds`, fid_base / fid_neon are the rescored means (base at its best sampler setting,
+    Neon at its best (w, setting)); without, the search's own scores at the configured sampler."""
     ev, tu, ft, gen = m["evaluate"].metrics, m["tune"].metrics, m["finetune"].metrics, m["generate"].metrics
-    best = next((t for t in tu["trials"] if t["w"] == tu["best_w"]), {})
+    best = next((t for t in tu["trials"] if t["w"] == tu["best_w"] and t["sampler"] == tu.get("best_sampler", {})), {})
+    final = tu.get("final")
+    base_best = tu.get("best_base")
     return {
         "dataset": cfg.data.name,
         "model": f"{cfg.model.family}/{cfg.model.preset}",
         "sampler": cfg.sampler.model_dump(mode="json"),
         "guidance": getattr(cfg.sampler, "guidance", None),
         "scoring_sampler": cfg.scoring_sampler().model_dump(mode="json"),
-        "fid_base": ev["fid"],
-        "fid_neon": tu["best_fid"],
+        "fid_base": final["base"]["fid_mean"] if final else ev["fid"],
+        "fid_neon": final["neon"]["fid_mean"] if final else tu["best_fid"],
+        "fid_base_sd": final["base"]["fid_sd"] if final else None,
+        "fid_neon_sd": final["neon"]["fid_sd"] if final else None,
         "best_w": tu["best_w"],
-        "base_class_consistency": ev["class_consistency"],
-        "neon_class_consistency": tu["best_class_consistency"],
-        "base_precision": ev.get("precision"),
-        "base_recall": ev.get("recall"),
-        "neon_precision": best.get("precision"),
-        "neon_recall": best.get("recall"),
-        "fid_floor": ev.get("fid_floor"),
-        "n_eval": ev["n"],
+        "best_sampler": tu.get("best_sampler", {}),
+        "base_best_sampler": (final["base"]["sampler"] if final else (base_best or {}).get("sampler", {})),
+        "fid_base_configured": ev["fid"],
+        "headline": final,
+        "base_class_consistency": final["base"]["class_consistency"] if final else ev["class_consistency"],
+        "neon_class_consistency": final["neon"]["class_consistency"] if final else tu["best_class_consistency"],
+        "base_precision": final["base"]["precision"] if final else ev.get("precision"),
+        "base_recall": final["base"]["recall"] if final else ev.get("recall"),
+        "neon_precision": final["neon"]["precision"] if final else best.get("precision"),
+        "neon_recall": final["neon"]["recall"] if final else best.get("recall"),
+        "fid_floor": final["base"]["fid_floor"] if final else ev.get("fid_floor"),
+        "n_eval": final["base"]["n"] if final else ev["n"],
         "n_synthetic": gen["n_synthetic"],
         "finetune_images": ft["finetune_images"],
         "extra_compute_fraction": ft["extra_compute_fraction"],
+        "search": {**{k: m["tune"].params.get(k) for k in ("search", "scheduler", "rungs", "space", "final_seeds")},
+                   "trials": len(tu["trials"]), "images_scored": tu.get("images_scored")},
         "trials": tu["trials"],
         "stage_seconds": seconds,
         "stage_wall_seconds": {k: v.wall_seconds for k, v in m.items()},
@@ -211,18 +224,28 @@ def _summary(cfg: RunConfig, m: dict[str, Manifest], seconds: dict[str, float], 
 
 
 def _images(cfg: RunConfig, m: dict[str, Manifest], summary: dict, tmp: str) -> dict[str, str]:
-    """Render the comparison grid and the FID-vs-w plot into `tmp`; upload both next to summary.json."""
-    from .report import save_comparison_grid, save_fid_plot
+    """Render the comparison grid and the search's plots into `tmp`; upload them next to summary.json."""
+    from .report import save_comparison_grid, save_fid_curves, save_fid_heatmap
     from .runtime.checkpoints import dataset_of
 
-    title = f"{summary['model']}, " + ", ".join(f"{k}={v}" for k, v in summary["sampler"].items())
-    grid = save_comparison_grid(m["evaluate"].uri(cfg.output, "samples"), m["tune"].uri(cfg.output, "best_samples"),
-                                os.path.join(tmp, "samples_base_vs_neon.png"),
-                                f"base FID {summary['fid_base']:.3f}  vs  Neon w={summary['best_w']:.3g} FID {summary['fid_neon']:.3f}",
-                                kind=dataset_of(cfg).kind)
-    plot = save_fid_plot(summary["trials"], summary["fid_base"], os.path.join(tmp, "fid_vs_w.png"), title)
-    out = {}
-    for name, path in (("samples_base_vs_neon.png", grid), ("fid_vs_w.png", plot)):
+    final = summary.get("headline")
+    base_samples = (storage.resolve(cfg.output, final["base"]["samples"]) if final else m["evaluate"].uri(cfg.output, "samples"))
+    neon_samples = (storage.resolve(cfg.output, final["neon"]["samples"]) if final else m["tune"].uri(cfg.output, "best_samples"))
+    settings = ", ".join(f"{k}={v}" for k, v in summary["best_sampler"].items())
+    grid = save_comparison_grid(base_samples, neon_samples, os.path.join(tmp, "samples_base_vs_neon.png"),
+                                f"base FID {summary['fid_base']:.3f}  vs  Neon w={summary['best_w']:.3g}{' ' + settings if settings else ''}"
+                                f" FID {summary['fid_neon']:.3f}", kind=dataset_of(cfg).kind)
+    model = summary["model"]
+    best = {"w": summary["best_w"], "sampler": summary["best_sampler"]}
+    searched_base = any(t["w"] == 0.0 for t in summary["trials"])
+    evaluated_at = m["evaluate"].metrics["n"] == min(min(int(k) for k in t["fid_by_n"]) for t in summary["trials"])
+    base_fid = m["evaluate"].metrics["fid"] if not searched_base and evaluated_at else None  # only at the curves' n
+    files = {"samples_base_vs_neon.png": grid,
+             "fid_vs_w.png": save_fid_curves(summary["trials"], os.path.join(tmp, "fid_vs_w.png"), f"FID vs w: {model}",
+                                             base_fid=base_fid, best=best)}
+    heat = save_fid_heatmap(summary["trials"], os.path.join(tmp, "fid_heatmap.png"), f"FID over the search: {model}", best=best)
+    if heat:
+        files["fid_heatmap.png"] = heat
+    for name, path in files.items():
         storage.upload_file_atomic(path, storage.join(cfg.output, name))
-        out[name] = path
-    return out
+    return files

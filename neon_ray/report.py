@@ -57,23 +57,90 @@ def save_comparison_grid(base_uri: str, neon_uri: str, path: str, title: str, ro
     return path
 
 
-def save_fid_plot(trials: list[dict], fid_base: float, path: str, title: str) -> str:
+def _first_rung(trials: list[dict]) -> tuple[int, list[tuple[dict, float]]]:
+    """(n, [(trial, FID at n)]) at the first rung, the one n every trial was scored at (FID is only comparable at equal n)."""
+    n = min(min(int(k) for k in t["fid_by_n"]) for t in trials)
+    return n, [(t, t["fid_by_n"][str(n)]) for t in trials if str(n) in t["fid_by_n"]]
+
+
+def _setting_name(sampler: dict) -> str:
+    return ", ".join(f"{k} = {v:.3g}" if isinstance(v, float) else f"{k} = {v}" for k, v in sampler.items()) or "scoring sampler"
+
+
+def _picked(points: list[tuple[dict, float]], best: dict | None) -> tuple[dict, float]:
+    """The search's pick (compared at its own, highest n) when given and plotted, else the lowest FID plotted."""
+    if best is not None:
+        for t, fid in points:
+            if t["w"] == best["w"] and t["sampler"] == best["sampler"]:
+                return t, fid
+    return min(points, key=lambda p: p[1])
+
+
+def save_fid_curves(trials: list[dict], path: str, title: str, base_fid: float | None = None, best: dict | None = None) -> str:
+    """FID against w at the first rung, one curve per sampler setting (w = 0 is the base at that setting), the
+    real-vs-real floor at that n as a line, the best starred. `base_fid`: a base scored outside the search."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    ws = [t["w"] for t in trials]
-    fids = [t["fid"] for t in trials]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    ax.plot(ws, fids, "o-", label="Neon θ(w)")
-    ax.axhline(fid_base, color="gray", linestyle="--", label="base (w = 0)")
-    best = int(np.argmin(fids))
-    ax.plot([ws[best]], [fids[best]], "r*", markersize=14, label=f"best w = {ws[best]:.3g}")
-    ax.set_xlabel("w")
-    ax.set_ylabel("FID")
-    ax.set_title(title)
-    ax.legend()
+    n, points = _first_rung(trials)
+    floor = next((f for t, _ in points if (f := (t.get("floor_by_n") or {}).get(str(n))) is not None), None)
+    groups: dict[str, list[tuple[float, float]]] = {}
+    for t, fid in points:
+        groups.setdefault(_setting_name(t["sampler"]), []).append((t["w"], fid))
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    for name, pts in sorted(groups.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    if base_fid is not None:
+        ax.axhline(base_fid, color="gray", linestyle="--", label="base (w = 0)")
+    if floor is not None:
+        ax.axhline(floor, color="black", linestyle=":", label=f"real-vs-real floor ({floor:.3g})")
+    best_t, best_fid = _picked(points, best)
+    ax.plot([best_t["w"]], [best_fid], "r*", markersize=14, label=f"picked: w = {best_t['w']:.3g}, {_setting_name(best_t['sampler'])}")
+    ax.set_xlabel("w (0 = base)")
+    ax.set_ylabel(f"FID (n = {n})")
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def save_fid_heatmap(trials: list[dict], path: str, title: str, best: dict | None = None) -> str | None:
+    """FID over (w, the one searched sampler field): every trial a coloured cell with its FID, the best circled.
+    None when no, or more than one, sampler field was searched."""
+    fields = sorted({k for t in trials for k in t["sampler"]})
+    if len(fields) != 1:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    field = fields[0]
+    n, points = _first_rung(trials)
+    xs = np.array([t["w"] for t, _ in points], float)
+    ys = np.array([float(t["sampler"][field]) for t, _ in points])
+    fids = np.array([f for _, f in points])
+    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
+    positive = fids[fids > 0]
+    norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if len(positive) == len(fids) and positive.min() < positive.max() else None
+    sc = ax.scatter(xs, ys, c=fids, s=520, marker="s", cmap="viridis_r", norm=norm, edgecolors="white")
+    for x, y, f in zip(xs, ys, fids):
+        ax.annotate(f"{f:.4g}", (x, y), ha="center", va="center", fontsize=6, color="black",
+                    bbox=dict(boxstyle="round,pad=0.1", fc="white", alpha=0.6, lw=0))
+    best_t, _ = _picked(points, best)
+    bx, by = best_t["w"], float(best_t["sampler"][field])
+    ax.scatter([bx], [by], s=1100, facecolors="none", edgecolors="red", linewidths=2, label=f"picked: w = {bx:.3g}, {field} = {by:.3g}")
+    fig.colorbar(sc, ax=ax, label=f"FID (n = {n})")
+    ax.set_xlabel("w (0 = base)")
+    ax.set_ylabel(field)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13))
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -84,23 +151,61 @@ def _settings(settings: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in settings.items())
 
 
+def _fid(mean: float, sd: float | None) -> str:
+    return f"{mean:.4f}" if sd is None else f"{mean:.3f} ± {sd:.3f}"
+
+
+def _search_line(summary: dict) -> str:
+    s = summary.get("search") or {}
+    if not s:
+        return ""
+    rungs = s.get("rungs") or []
+    parts = [f"search {s.get('search')}", f"{s.get('trials')} trials"]
+    if len(rungs) > 1:
+        parts.append("rungs " + " → ".join(str(r) for r in rungs) + (" with ASHA" if s.get("scheduler") == "asha" else ""))
+    if s.get("images_scored"):
+        parts.append(f"{s['images_scored']:,} images sampled + scored")
+    return ", ".join(parts)
+
+
 def print_summary(summary: dict, output: str) -> None:
-    line = "─" * 64
+    line = "─" * 72
+    final = summary.get("headline")
     print(line)
     print(f"Neon on {summary['dataset']} · {summary['model']} · sampler {_settings(summary['sampler'])}")
-    if summary.get("scoring_sampler") not in (None, summary["sampler"]):
-        print(f"models scored with sampler {_settings(summary['scoring_sampler'])}")
+    if (search := _search_line(summary)):
+        print(search)
     print(line)
-    print(f"{'':22}{'FID':>10}{'precision':>11}{'recall':>9}{'class consistency':>20}")
-    for name, key in (("base (w = 0)", "base"), ("Neon (w = %.3g)" % summary["best_w"], "neon")):
-        print(f"{name:22}{summary['fid_' + key]:>10.4f}{_num(summary.get(key + '_precision')):>11}{_num(summary.get(key + '_recall')):>9}"
+    base_name = "base (w = 0" + (f", {_settings(summary['base_best_sampler'])}" if summary.get("base_best_sampler") else "") + ")"
+    neon_name = f"Neon (w = {summary['best_w']:.3g}" + (f", {_settings(summary['best_sampler'])}" if summary.get("best_sampler") else "") + ")"
+    width = max(24, len(base_name) + 2, len(neon_name) + 2)
+    print(f"{'':{width}}{'FID':>18}{'precision':>11}{'recall':>9}{'class consistency':>20}")
+    for name, key in ((base_name, "base"), (neon_name, "neon")):
+        fid = _fid(summary["fid_" + key], summary.get(f"fid_{key}_sd"))
+        print(f"{name:{width}}{fid:>18}{_num(summary.get(key + '_precision')):>11}{_num(summary.get(key + '_recall')):>9}"
               f"{_pct(summary.get(key + '_class_consistency')):>20}")
     change = (summary["fid_neon"] - summary["fid_base"]) / summary["fid_base"] * 100 if summary["fid_base"] else float("nan")
-    print(f"{'change':22}{change:>+9.1f}%")
+    verdict = ""
+    if final:
+        within = final["comparison"].get("within_seed_spread")
+        k = len(final["base"]["fids"])
+        verdict = (f"   {'inside' if within else 'outside'} the seed spread ({k} fresh seed sets of n = {summary['n_eval']})"
+                   if within is not None else f"   (1 seed set of n = {summary['n_eval']}: no spread measured)")
+    else:
+        verdict = "   (the search's own scores: optimistic; set tune.final_seeds ≥ 3 for a rescored headline)"
+    print(f"{'change':{width}}{change:>+17.1f}%{verdict}")
     if summary.get("fid_floor") is not None:
         print(f"real-vs-real FID floor at n = {summary['n_eval']}: {summary['fid_floor']:.4f} (differences below it are noise)")
+    if final and summary.get("fid_base_configured") is not None:
+        searched = {k: v for k, v in summary["scoring_sampler"].items() if k in summary.get("base_best_sampler", {})}
+        print(f"base at the configured sampler{' (' + _settings(searched) + ')' if searched else ''}, "
+              f"n = {summary.get('n_eval')} on the search's seeds: FID {summary['fid_base_configured']:.4f}")
     print(line)
-    print("FID by w: " + ", ".join(f"{t['w']:.3g}: {t['fid']:.3f}" for t in summary.get("trials", [])))
+    trials = sorted(summary.get("trials", []), key=lambda t: (-(t.get("n") or 0), t["fid"] if t.get("fid") is not None else float("inf")))
+    if trials and not any(t.get("sampler") for t in trials):
+        print("FID by w: " + ", ".join(f"{t['w']:.3g}: {t['fid']:.3f}" for t in sorted(trials, key=lambda t: t["w"])))
+    elif trials:
+        print("best trials: " + "; ".join(f"w {t['w']:.3g}, {_settings(t['sampler'])}: {t['fid']:.3f} (n {t['n']})" for t in trials[:5]))
     print(f"|S| = {summary['n_synthetic']}, fine-tune images = {summary['finetune_images']}, "
           f"extra compute = {_pct(summary.get('extra_compute_fraction'), 2)} of the base's training")
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))

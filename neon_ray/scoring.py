@@ -31,7 +31,7 @@ from .fid.stats import Statistics, features_from_bytes, features_to_bytes, frech
 from .runtime.checkpoints import dataset_of, spec_of
 from .runtime.cluster import ensure_ray
 from .runtime.features import extract
-from .runtime.samplesets import SampleSet, encoded_set, open_samples
+from .runtime.samplesets import SampleSet, concat_sets, encoded_set, open_samples
 from .runtime.sampling import sample_to_parquet
 
 log = logging.getLogger("neon_ray")
@@ -201,6 +201,33 @@ def score_checkpoint(cfg: RunConfig, checkpoint: str, dest_dir: str, reference: 
                              fresh=fresh)
     scores = score_samples(cfg, info["uri"], reference)
     return scores | {"sample_seconds": info["seconds"], "samples": info["uri"]}
+
+
+def increment_dir(dest_dir: str, first: int, n: int) -> str:
+    """Where samples first..n-1 of a set grown rung by rung live: the first rung in `samples`, each later one beside it."""
+    return storage.join(dest_dir, "samples" if first == 0 else f"samples+{first}-{n}")
+
+
+def score_rung(cfg: RunConfig, checkpoint: str, dest_dir: str, reference: Statistics, settings, rungs: list[int], k: int,
+               seed: int | None = None) -> dict:
+    """Score the first `rungs[k]` evaluation samples of `checkpoint` (seed stream `seed`, default evaluate.seed).
+
+    Samples rungs[k-1]..rungs[k]-1 are added to those sampled for the earlier rungs (sample i depends only on
+    (seed, stream, i), so the union equals a set sampled at once), then the union is scored. Increments left
+    by an earlier call are reused.
+    """
+    seed = cfg.evaluate.seed if seed is None else seed
+    parts, seconds = [], 0.0
+    for j in range(k + 1):
+        first = rungs[j - 1] if j else 0
+        dest = increment_dir(dest_dir, first, rungs[j])
+        info = sample_to_parquet(spec_of(cfg), checkpoint, settings, dataset_of(cfg).kind, rungs[j], seed, STREAM, dest,
+                                 cfg.generate, first=first)
+        parts.append(open_samples(info["uri"]))
+        seconds += info["seconds"] if j == k else 0.0
+    samples = parts[0] if k == 0 else concat_sets(parts, f"{dest_dir} (first {rungs[k]})")
+    scores = score_set(cfg, samples, reference)
+    return scores | {"sample_seconds": round(seconds, 2), "samples": increment_dir(dest_dir, 0, rungs[0])}
 
 
 def score_uri(cfg: RunConfig, samples_uri: str, num_shards: int | None = None) -> dict:

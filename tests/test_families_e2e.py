@@ -1,5 +1,6 @@
 """Every built-in family through `neon-ray run` on its tiny config: pretrain → generate → DeepSpeed
-fine-tune → evaluate → Tune over w, on real Ray/DeepSpeed/MLflow/torch-fidelity."""
+fine-tune → evaluate → Tune over w, on real Ray/DeepSpeed/MLflow/torch-fidelity. The DiT run searches
+(w, γ) jointly on a grid under ASHA with two rungs and rescores the headline on fresh seed sets."""
 
 from __future__ import annotations
 
@@ -12,8 +13,12 @@ from test_e2e import check_mlflow
 
 CONFIGS = ROOT / "jobs" / "configs"
 # (config, overrides): the paper's toy runs shrunk (its own config is sized for the real experiment).
+# The DiT run exercises the search (tuning/): w × γ with the base searched over γ, rungs 20 → 40, ASHA, and the
+# headline pair rescored on 2 fresh evaluation seed sets.
+SEARCH = ["tune.space={w: {choice: [0.5, 1.0]}, guidance: {choice: [1.5, 2.0]}}", "tune.rungs=[20, 40]",
+          "tune.scheduler=asha", "tune.final_seeds=2", "tune.max_concurrent_trials=2"]
 FAMILIES = {
-    "dit": ("tiny_dit.yaml", []),
+    "dit": ("tiny_dit.yaml", SEARCH),
     "edm": ("tiny_edm.yaml", []),
     "flow": ("tiny_flow.yaml", []),
     "autoregressive": ("tiny_ar.yaml", []),
@@ -42,8 +47,54 @@ def test_family_runs_end_to_end(tmp_path, family, reference_cache):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["model"].split("/")[0] == family.replace("dit", "diffusion")
-    assert summary["fid_neon"] == min(t["fid"] for t in summary["trials"])
     assert all(t["fid"] >= 0 for t in summary["trials"]) and summary["fid_base"] >= 0
     for stage in ("pretrain", "generate", "finetune", "evaluate", "tune"):
         assert (out / stage / "manifest.json").exists(), stage
     check_mlflow(out)
+    if family == "dit":
+        check_search(out, summary, proc.stdout, args)
+    else:
+        assert summary["fid_neon"] == min(t["fid"] for t in summary["trials"])
+
+
+def check_search(out, summary: dict, stdout: str, args: list[str]) -> None:
+    """Base trials at every γ, run through every rung; the same seeds and labels for every trial at a rung; the
+    headline rescored on fresh seed sets; plots and MLflow trial runs; then a rerun with one more seed set scores
+    only that set (the trials' rungs and the first two sets are reused)."""
+    import pyarrow.parquet as pq
+    from mlflow.tracking import MlflowClient
+
+    trials = summary["trials"]
+    assert {(t["w"], t["sampler"]["guidance"]) for t in trials} == {(w, g) for w in (0.0, 0.5, 1.0) for g in (1.5, 2.0)}
+    assert all(t["rungs_scored"] == 2 for t in trials if t["w"] == 0.0), trials  # the base arm is never stopped early
+    top = max(t["n"] for t in trials if t["w"] > 0)
+    best = min((t for t in trials if t["w"] > 0 and t["n"] == top), key=lambda t: t["fid"])
+    assert (summary["best_w"], summary["best_sampler"]) == (best["w"], best["sampler"])  # compared at equal n only
+    head = summary["headline"]
+    assert len(head["base"]["fids"]) == len(head["neon"]["fids"]) == 2 and head["base"]["n"] == 40
+    assert summary["fid_base"] == pytest.approx(sum(head["base"]["fids"]) / 2) and "guidance" in summary["base_best_sampler"]
+    assert head["base"]["seeds"] == head["neon"]["seeds"] and len(set(head["base"]["seeds"])) == 2  # fresh, shared sets
+    assert "rungs 20 → 40 with ASHA" in stdout and "seed spread" in stdout, stdout[-2000:]
+    # Common random numbers: every trial's first rung has the same sample seeds and labels, whatever w and γ.
+    keys = [pq.read_table(out / "tune" / "trials" / t["key"] / "samples", columns=["index", "seed", "label"]).sort_by("index")
+            for t in trials]
+    assert all(k.equals(keys[0]) for k in keys[1:])
+    for name in ("fid_vs_w.png", "fid_heatmap.png", "samples_base_vs_neon.png"):
+        assert (out / name).stat().st_size > 1000, name
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("neon-ray").experiment_id])
+    trial_runs = [r for r in runs if r.data.tags.get("stage") == "tune-trial"]
+    assert len(trial_runs) >= len(trials) and all("sampler.guidance" in r.data.params for r in trial_runs)
+    assert any(r.info.run_name == "trial w=0 guidance=1.5" for r in trial_runs), [r.info.run_name for r in trial_runs]
+
+    # One more seed set: the search reruns, every rung and the two sets already scored are reused, only set 3 is new.
+    scored = {p: p.stat().st_mtime_ns for p in (out / "tune").glob("**/*.json") if "rung-n" in p.name or p.name == "scores.json"}
+    more = [a.replace("tune.final_seeds=2", "tune.final_seeds=3") for a in args]
+    proc = neon_ray_cli("tune", str(CONFIGS / "tiny_dit.yaml"), "--output", str(out), *more, timeout=1500,
+                        env={"MLFLOW_TRACKING_URI": ""})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert all(p.stat().st_mtime_ns == t for p, t in scored.items()), "a rung or seed set already scored was scored again"
+    new = sorted(str(p.relative_to(out)) for p in (out / "tune").glob("**/scores.json") if p not in scored)
+    picked_before = {p.parent.parent.name for p in scored if p.name == "scores.json"}
+    # (ASHA may promote another trial this time, whose pick then gets its own sets; the earlier picks get only set 3.)
+    assert any("/seed-2/" in p for p in new) and all("/seed-2/" in p or p.split("/")[2] not in picked_before for p in new), new

@@ -6,7 +6,8 @@ from ray.tune import Callback
 
 
 class MLflowTrials(Callback):
-    """Each trial: an MLflow child run of the tune stage's run, named by its w, with its scores.
+    """Each trial: an MLflow child run of the tune stage's run, named by its w and sampler fields, with its scores
+    at every rung (step = the rung's sample count n).
 
     Runs on the driver, so trials on any node are logged to the driver's tracking store. Tune saves its
     callbacks with the experiment (and `Tuner.restore` brings them back), so the live tracker is not part of
@@ -31,9 +32,10 @@ class MLflowTrials(Callback):
         if tracker is None or not tracker.enabled:
             return None
         if trial.trial_id not in self.runs:
-            w = float(trial.config["w"])
-            run = tracker.start_child(f"trial w={w:.4g}", parent=type(self)._parent_run, tags={"stage": "tune-trial"})
-            tracker.log_params(run, {"w": w})
+            from .spaces import W, describe, overrides_of
+
+            run = tracker.start_child(f"trial {describe(trial.config)}", parent=type(self)._parent_run, tags={"stage": "tune-trial"})
+            tracker.log_params(run, {"w": float(trial.config[W]), **{f"sampler.{k}": v for k, v in overrides_of(trial.config).items()}})
             self.runs[trial.trial_id] = run
         return self.runs[trial.trial_id]
 
@@ -41,7 +43,7 @@ class MLflowTrials(Callback):
         run = self._run_of(trial)
         if run is not None:
             scores = {k: v for k, v in result.items() if k in ("fid", "precision", "recall", "fid_floor", "class_consistency", "n")}
-            type(self)._tracker.log_metrics(run, scores, step=int(result.get("training_iteration", 1)))
+            type(self)._tracker.log_metrics(run, scores, step=int(result.get("n", result.get("training_iteration", 1))))
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         if (run := self.runs.get(trial.trial_id)) is not None and type(self)._tracker is not None:

@@ -1,17 +1,23 @@
-"""One Tune trial: merge θ_neon(w), sample the evaluation set, score it, report.
+"""One Tune trial: θ(w) at one sampler setting, scored rung by rung (multi-fidelity), each rung reported.
 
-Every trial samples with the same evaluation seeds and labels as the base model's evaluation, so FID
-differences come from w, not sampling noise. A finished trial leaves `result.json` (paths relative
-to the output root) and is reused, not redone, by any later search whose trial hash matches.
+θ(w) is θ_base for w = 0 (the base arm) and the merged θ_neon(w) = θ_base − w·(θ_ft − θ_base) otherwise.
+At rung k the first `rungs[k]` evaluation samples are scored; rung k only samples the images rung k−1
+did not have. Every trial samples with the same evaluation seeds and labels (common random numbers),
+whatever its w or sampler setting, so FID differences come from the model and the sampler, not from
+sampling noise. Each scored rung leaves `rung-n<N>.json` (and `result.json`, the latest rung) in the
+trial's folder, named by its config (`w=0.5,guidance=2`): a rerun, a retried trial or any later search
+whose trial hash matches reuses them instead of scoring again.
 """
 
 from __future__ import annotations
 
 from neon_ray import storage
-from neon_ray.config import RunConfig
+from neon_ray.config import RunConfig, fingerprint
 from neon_ray.fid.stats import Statistics
 from neon_ray.merge import merge_uris
-from neon_ray.scoring import score_checkpoint
+from neon_ray.scoring import score_rung
+
+from .spaces import FIDELITY, W, overrides_of, settings_of, trial_key
 
 SCORES = ("fid", "precision", "recall", "fid_floor", "class_consistency", "n", "sample_seconds")
 RESULT = "result.json"
@@ -19,8 +25,14 @@ STARTED = "trial.json"  # written first: which trial hash the folder's files bel
 MODEL = "model.safetensors"
 
 
-def trial_dir(tune_dir: str, w: float) -> str:
-    return storage.join(tune_dir, "trials", f"w={w:.6g}")
+def trial_dir(tune_dir: str, key: str | float) -> str:
+    """The folder of a trial by its key (`trial_key`), or by w alone when no sampler field is searched."""
+    name = key if isinstance(key, str) else f"w={key:.6g}"
+    return storage.join(tune_dir, "trials", name)
+
+
+def rung_uri(tdir: str, n: int) -> str:
+    return storage.join(tdir, f"rung-n{n}.json")
 
 
 def reported(result: dict) -> dict:
@@ -28,34 +40,52 @@ def reported(result: dict) -> dict:
     return {k: v for k, v in result.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None}
 
 
-def read_result(tune_dir: str, w: float, trial_hash: str) -> dict | None:
-    uri = storage.join(trial_dir(tune_dir, w), RESULT)
-    if not storage.exists(uri):
-        return None
-    done = storage.read_json(uri)
-    return done if done.get("config_hash") == trial_hash else None
+def config_hash_of(trial_hash: str, key: str, settings) -> str:
+    return fingerprint("tune-trial-setting", trial_hash, key, settings.model_dump(mode="json"))
 
 
-def neon_trial(config: dict, cfg_json: dict, base: str, finetuned: str, reference: str, tune_dir: str, trial_hash: str) -> None:
-    """The Tune function trainable (runs in a Ray worker)."""
+def read_rungs(tune_dir: str, config: dict, trial_hash: str, cfg: RunConfig, rungs: list[int]) -> list[dict]:
+    """The rung results of a trial config scored under `trial_hash`, in rung order (stops at the first missing)."""
+    key = trial_key(config)
+    expected = config_hash_of(trial_hash, key, settings_of(cfg, config))
+    out = []
+    for n in rungs:
+        uri = rung_uri(trial_dir(tune_dir, key), n)
+        if not storage.exists(uri) or (done := storage.read_json(uri)).get("config_hash") != expected:
+            break
+        out.append(done)
+    return out
+
+
+def neon_trial(config: dict, cfg_json: dict, base: str, finetuned: str, reference: str, tune_dir: str, trial_hash: str,
+               rungs: list[int]) -> None:
+    """The Tune function trainable (runs in a Ray worker): one report per rung, so a scheduler can stop it early."""
     from ray import tune
 
     cfg = RunConfig.model_validate(cfg_json)
-    w = float(config["w"])
-    if (done := read_result(tune_dir, w, trial_hash)) is not None:
-        tune.report(reported(done))
-        return
-    tdir = trial_dir(tune_dir, w)
-    model = storage.join(tdir, MODEL)
+    w, key, settings = float(config[W]), trial_key(config), settings_of(cfg, config)
+    fidelity = int(config.get(FIDELITY, len(rungs)))
+    tdir = trial_dir(tune_dir, key)
+    chash = config_hash_of(trial_hash, key, settings)
     marker = storage.join(tdir, STARTED)
-    if not (storage.exists(marker) and storage.read_json(marker).get("config_hash") == trial_hash):
+    if not (storage.exists(marker) and storage.read_json(marker).get("config_hash") == chash):
         storage.remove(tdir)  # what is there belongs to another θ_ft or sampler: never reuse it
-        storage.write_json_atomic(marker, {"config_hash": trial_hash, "w": w})
-    if not storage.exists(model):  # written atomically: present means complete (a retried trial keeps it and its samples)
-        merge_uris(base, finetuned, model, w, allow_negative=cfg.tune.allow_negative_w)
-    ref = Statistics.from_bytes(storage.read_bytes(reference), reference)
-    scores = score_checkpoint(cfg, model, tdir, ref)
-    result = {"w": w, "config_hash": trial_hash, "model": storage.relative(cfg.output, model),
-              "samples": storage.relative(cfg.output, scores["samples"]), **{k: scores[k] for k in SCORES}}
-    storage.write_json_atomic(storage.join(tdir, RESULT), result)
-    tune.report(reported(result))
+        storage.write_json_atomic(marker, {"config_hash": chash, "w": w, "sampler": overrides_of(config)})
+    model, ref = base, None
+    for k, n in enumerate(rungs[:fidelity]):
+        uri = rung_uri(tdir, n)
+        if storage.exists(uri) and (done := storage.read_json(uri)).get("config_hash") == chash:
+            tune.report(reported(done) | {"rung": k})
+            continue
+        if w != 0.0:  # the merged model is written atomically: present means complete (a retried trial keeps it)
+            model = storage.join(tdir, MODEL)
+            if not storage.exists(model):
+                merge_uris(base, finetuned, model, w, allow_negative=cfg.tune.allow_negative_w)
+        ref = ref or Statistics.from_bytes(storage.read_bytes(reference), reference)
+        scores = score_rung(cfg, model, tdir, ref, settings, rungs, k)
+        done = {"w": w, "key": key, "sampler": overrides_of(config), "config_hash": chash, "rung": k,
+                "model": storage.relative(cfg.output, model) if w != 0.0 else None,
+                "samples": storage.relative(cfg.output, scores["samples"]), **{s: scores[s] for s in SCORES}}
+        storage.write_json_atomic(uri, done)
+        storage.write_json_atomic(storage.join(tdir, RESULT), done)
+        tune.report(reported(done) | {"rung": k})

@@ -98,6 +98,15 @@ def open_samples(uri: str) -> SampleSet:
     raise NeonError(f"empty sample set: {uri} holds no Parquet files and no {'/'.join(IMAGE_EXTENSIONS)} images")
 
 
+def concat_sets(sets: list[SampleSet], source: str) -> SampleSet:
+    """One sample set of several with the same column and shape (the increments of a set grown rung by rung)."""
+    first = sets[0]
+    for s in sets[1:]:
+        if (s.column, s.shape) != (first.column, first.shape):
+            raise NeonError(f"sample sets {first.source} and {s.source} differ in {first.column}{first.shape} vs {s.column}{s.shape}")
+    return SampleSet(pa.concat_tables([s.table for s in sets]), first.column, first.shape, source)
+
+
 def read_samples(uri: str, columns: list[str] | None = None) -> pa.Table:
     """A Parquet sample set as one pyarrow table sorted by index (driver-side: grids, scoring, tests)."""
     import pyarrow.dataset as pads

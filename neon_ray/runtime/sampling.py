@@ -67,8 +67,9 @@ class SamplerActor:
         return {"start": np.asarray(batch["start"], np.int64), "count": np.asarray(batch["count"], np.int64)}
 
 
-def work_items(n: int, batch_size: int) -> list[dict[str, int]]:
-    return [{"start": s, "count": min(batch_size, n - s)} for s in range(0, n, batch_size)]
+def work_items(n: int, batch_size: int, first: int = 0) -> list[dict[str, int]]:
+    """Index ranges covering [first, n)."""
+    return [{"start": s, "count": min(batch_size, n - s)} for s in range(first, n, batch_size)]
 
 
 def part_uri(dest: str, start: int) -> str:
@@ -96,9 +97,10 @@ def _finished_parts(dest: str) -> set[str]:
 
 
 def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSettings, codec: str, n: int, seed: int, stream: str,
-                      dest: str, resources, actors: int | None = None, fresh: bool = False) -> dict:
-    """Sample `n` images of `checkpoint` into Parquet parts under `dest`, resuming a folder left by an earlier,
-    interrupted call with the same arguments (`fresh`: start over).
+                      dest: str, resources, actors: int | None = None, fresh: bool = False, first: int = 0) -> dict:
+    """Sample images `first`..`n`-1 of `checkpoint` into Parquet parts under `dest`, resuming a folder left by an
+    earlier, interrupted call with the same arguments (`fresh`: start over). Sample i is the same whatever
+    `first` is, so a set grown in increments (the rungs of a search) equals one sampled at once.
 
     `resources`: the `generate` config section (batch size, actors, CPUs/GPUs/threads per actor, bf16).
     """
@@ -107,14 +109,14 @@ def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSetting
 
     from .checkpoints import checkpoint_identity
 
-    if n < 1:
-        raise NeonError("number of samples must be ≥ 1")
+    if n - first < 1:
+        raise NeonError(f"number of samples must be ≥ 1 (asked for indices {first}..{n - 1})")
     g = resources
     gpus = actor_gpus(g.gpus_per_actor)
-    items = work_items(n, g.batch_size)
+    items = work_items(n, g.batch_size, first)
     identity = {"checkpoint": checkpoint_identity(checkpoint), "spec": [spec.family, spec.preset, list(spec.image_shape),
                 spec.num_classes, spec.options], "settings": settings.model_dump(mode="json"), "codec": codec, "n": n,
-                "seed": seed, "stream": stream, "batch_size": g.batch_size, "bf16": g.bf16}
+                "seed": seed, "stream": stream, "batch_size": g.batch_size, "bf16": g.bf16, **({"first": first} if first else {})}
     todo = _missing_items(dest, identity, items, fresh)
     t0 = time.time()
     if todo:
@@ -135,9 +137,10 @@ def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSetting
     _check_complete(dest, items)
     seconds = time.time() - t0
     reused = len(items) - len(todo)
-    log.info("sampled %d images (%s) in %.1f s (%.1f img/s)%s → %s", n, stream, seconds, n / max(seconds, 1e-9),
+    count = n - first
+    log.info("sampled %d images (%s) in %.1f s (%.1f img/s)%s → %s", count, stream, seconds, count / max(seconds, 1e-9),
              f", {reused} of {len(items)} work items reused" if reused else "", storage.redact_uri(dest))
-    return {"n": n, "seconds": round(seconds, 2), "images_per_second": round(n / max(seconds, 1e-9), 2), "uri": dest,
+    return {"n": count, "seconds": round(seconds, 2), "images_per_second": round(count / max(seconds, 1e-9), 2), "uri": dest,
             "reused_items": reused}
 
 

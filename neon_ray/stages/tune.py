@@ -1,5 +1,10 @@
-"""Stage `tune`: the search for w (Ray Tune, see the `tuning` package). Each trial merges θ_neon(w) and
-scores it on the evaluation seeds of the base; the best merged model is kept and registered in MLflow."""
+"""Stage `tune`: the search over w and the sampler (Ray Tune, see the `tuning` package), then the headline.
+
+Each trial scores θ(w) at one sampler setting on the evaluation seeds of the base, rung by rung. The best
+base (w = 0, searched over the same sampler fields) and the best Neon trial, each compared at equal n, are
+rescored on `tune.final_seeds` fresh evaluation seed sets (tuning.headline). The best merged model is kept
+and registered in MLflow; the others are one `neon-ray merge` away.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +13,8 @@ import logging
 from .. import storage
 from ..config import RunConfig, TuneConfig, fingerprint
 from ..context import StageContext
+from ..errors import NeonError
 from ..manifest import Manifest
-from ..merge import merge_uris
 from ..runtime.checkpoints import dataset_of, spec_of
 from ..runtime.cluster import ensure_ray
 from ..scoring import extractor_fingerprint, reference_statistics, reference_uri, require_reference
@@ -18,14 +23,14 @@ log = logging.getLogger("neon_ray")
 
 
 def trial_parts(cfg: RunConfig) -> tuple:
-    """What one trial's score depends on besides θ_base and θ_ft. Not the grid: a w scored once is reused by any grid holding it."""
+    """What one trial's score depends on besides θ_base, θ_ft, its w and its sampler fields (those name its folder)."""
     return (cfg.scoring_sampler(), cfg.evaluate.hash_parts(), extractor_fingerprint(cfg), cfg.generate.bf16,
             cfg.tune.allow_negative_w)
 
 
 def config_parts(cfg: RunConfig) -> tuple:
-    """The stage is current only for the grid it searched; a changed grid reruns it (scoring only the new w)."""
-    return (sorted(float(w) for w in cfg.tune.w_grid), *trial_parts(cfg))
+    """The stage is current only for the search it ran; a changed search reruns it (scoring only what is new)."""
+    return (cfg.tune.hash_parts(), *trial_parts(cfg))
 
 
 def run(section: TuneConfig, ctx: StageContext) -> Manifest:
@@ -35,29 +40,50 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
     require_reference(cfg)
     rec = ctx.start()
     ensure_ray(cfg.ray)
-    from tuning.search import grid_search  # imports Ray Tune: after ensure_ray has set the workers' environment
-    from tuning.trainable import MODEL, SCORES, trial_dir
+    from tuning import headline  # imports Ray Tune: after ensure_ray has set the workers' environment
+    from tuning.search import flat, pick, run_search
+    from tuning.trainable import MODEL, trial_dir
 
     reference = reference_statistics(cfg)  # computed once on the driver, read by every trial
-    trials, best = grid_search(cfg, base, finetuned, rec.dir, trial_hash, f"tune-{ctx.config_hash}", ctx.tracker, ctx.run_id,
-                               fresh=ctx.force)
-    best_model = storage.join(trial_dir(rec.dir, best["w"]), MODEL)
-    if not storage.exists(best_model):  # a trial reused from an earlier grid, whose merged model was not the best then
-        merge_uris(base, finetuned, best_model, best["w"], allow_negative=section.allow_negative_w)
-    for r in trials:  # keep only the best merged model (the others are one `neon-ray merge` away); only files made here
-        if r is not best:
-            storage.remove(storage.join(trial_dir(rec.dir, r["w"]), MODEL))
+    trials = run_search(cfg, base, finetuned, rec.dir, trial_hash, f"tune-{ctx.config_hash}", ctx.tracker, ctx.run_id,
+                        fresh=ctx.force)
+    best, best_base = pick(trials, "neon"), pick(trials, "base")
+    if best is None:
+        raise NeonError("tune: no Neon trial (w > 0) finished; check tune.space.w / tune.w_grid")
+    best_model = headline.model_of(cfg, best, base, finetuned, rec.dir)
+    for t in trials:  # keep only the best merged model (the others are one `neon-ray merge` away)
+        if t is not best:
+            storage.remove(storage.join(trial_dir(rec.dir, t["key"]), MODEL))
+    final = None
+    if section.final_seeds:
+        base_trial = best_base or {"key": "w=0", "w": 0.0, "sampler": {}}  # unsearched sampler: the base at the scoring sampler
+        final = {"base": headline.rescore(cfg, base_trial, base, rec.dir, reference, trial_hash),
+                 "neon": headline.rescore(cfg, best, best_model, rec.dir, reference, trial_hash)}
+        final["comparison"] = headline.compare(final["base"], final["neon"])
+    rows = [flat(t) for t in trials]
+    top = flat(best)
     rec.inputs = {"base_checkpoint": base, "finetuned": finetuned, "reference": reference_uri(cfg)}
-    rec.outputs = {"best_model": best_model, "best_samples": storage.resolve(cfg.output, best["samples"]),
+    rec.outputs = {"best_model": best_model, "best_samples": storage.resolve(cfg.output, top["samples"]),
                    "trials": storage.join(rec.dir, "trials")}
-    rec.metrics = {"best_w": best["w"], "best_fid": best["fid"], "best_class_consistency": best["class_consistency"],
-                   "trials": [{k: r.get(k) for k in ("w",) + SCORES} for r in trials]}
-    rec.params = {"w_grid": list(section.w_grid), "max_concurrent_trials": section.max_concurrent_trials}
+    rec.metrics = {"best_w": best["w"], "best_sampler": best["sampler"], "best_fid": top["fid"], "best_n": top["n"],
+                   "best_class_consistency": top["class_consistency"],
+                   "best_base": flat(best_base) if best_base else None, "trials": rows, "final": final,
+                   "images_scored": sum(t["rungs"][-1]["n"] for t in trials)}
+    rec.params = {"search": section.search, "scheduler": section.scheduler, "rungs": cfg.search_rungs(),
+                  "space": {k: v.model_dump(exclude_none=True) for k, v in section.space.items()} or {"w": list(section.w_grid)},
+                  "final_seeds": section.final_seeds, "max_concurrent_trials": section.max_concurrent_trials}
     if ctx.tracker is not None:
+        settings = _settings(cfg, best)
         registered = ctx.tracker.register_model(
-            ctx.run_id, best_model, spec_of(cfg), cfg.scoring_sampler(),
-            {"w": best["w"], "fid": best["fid"], "sampler": cfg.scoring_sampler().model_dump(mode="json"), "n_eval": best["n"],
+            ctx.run_id, best_model, spec_of(cfg), settings,
+            {"w": best["w"], "fid": top["fid"], "sampler": settings.model_dump(mode="json"), "n_eval": top["n"],
              "feature_space": reference.feature_space, "config_hash": ctx.config_hash, "codec": dataset_of(cfg).kind})
         if registered:
             rec.params |= {"registered_model": registered["name"], "registered_version": registered["version"]}
     return rec.finish()
+
+
+def _settings(cfg: RunConfig, trial: dict):
+    from tuning.spaces import settings_of
+
+    return settings_of(cfg, {"w": trial["w"], **trial["sampler"]})

@@ -1,0 +1,89 @@
+"""The honest headline: the best base and the best Neon rescored on evaluation seed sets the search never saw.
+
+A search picks the lowest of many noisy FIDs, so the picked trial's own score is optimistic (selection
+bias). Both picks (the base at its best sampler setting, Neon at its best (w, setting)) are therefore
+rescored at the full n (evaluate.num_samples) with `tune.final_seeds` independent evaluation seed sets,
+each its own (seed, stream) key, and reported as mean ± sd next to the real-vs-real floor at that n. A
+difference within two standard errors of the two means is reported as inside the seed spread.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from neon_ray import storage
+from neon_ray.config import RunConfig, fingerprint
+from neon_ray.fid.stats import Statistics
+from neon_ray.merge import merge_uris
+from neon_ray.runtime.seeds import derive_seed
+from neon_ray.scoring import score_rung
+
+from .spaces import W, settings_of
+from .trainable import MODEL, config_hash_of, trial_dir
+
+STREAM = "final-eval"  # root seeds of the rescoring sets: none equals the search's evaluate.seed stream
+
+
+def final_seed(cfg: RunConfig, k: int) -> int:
+    return derive_seed(cfg.evaluate.seed, STREAM, k)
+
+
+def model_of(cfg: RunConfig, trial: dict, base: str, finetuned: str, tune_dir: str) -> str:
+    """θ of a picked trial: θ_base for w = 0, else its merged model (merged again if an earlier search removed it)."""
+    if trial["w"] == 0.0:
+        return base
+    model = storage.join(trial_dir(tune_dir, trial["key"]), MODEL)
+    if not storage.exists(model):
+        merge_uris(base, finetuned, model, trial["w"], allow_negative=cfg.tune.allow_negative_w)
+    return model
+
+
+def rescore(cfg: RunConfig, trial: dict, model: str, tune_dir: str, reference: Statistics, trial_hash: str) -> dict:
+    """FID of `trial`'s config at evaluate.num_samples on each of tune.final_seeds fresh seed sets (cached per set)."""
+    config = {W: trial["w"], **trial["sampler"]}
+    settings = settings_of(cfg, config)
+    n = cfg.evaluate.num_samples
+    rows = []
+    for k in range(cfg.tune.final_seeds):
+        seed = final_seed(cfg, k)
+        where = storage.join(tune_dir, "final", trial["key"], f"seed-{k}")
+        uri = storage.join(where, "scores.json")
+        expected = fingerprint("tune-final", config_hash_of(trial_hash, trial["key"], settings), n, seed)
+        if storage.exists(uri) and (done := storage.read_json(uri)).get("config_hash") == expected:
+            rows.append(done)
+            continue
+        scores = score_rung(cfg, model, where, reference, settings, [n], 0, seed=seed)
+        done = {"config_hash": expected, "seed": seed, "samples": storage.relative(cfg.output, scores["samples"]),
+                **{s: scores.get(s) for s in ("fid", "precision", "recall", "fid_floor", "class_consistency", "n")}}
+        storage.write_json_atomic(uri, done)
+        rows.append(done)
+    return summarise(trial, rows)
+
+
+def _mean(rows: list[dict], key: str) -> float | None:
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def summarise(trial: dict, rows: list[dict]) -> dict:
+    fids = [float(r["fid"]) for r in rows]
+    return {"key": trial["key"], "w": trial["w"], "sampler": trial["sampler"], "fids": fids,
+            "fid_mean": float(np.mean(fids)), "fid_sd": float(np.std(fids, ddof=1)) if len(fids) > 1 else None,
+            "n": rows[0]["n"], "seeds": [r["seed"] for r in rows], "samples": rows[0]["samples"],
+            **{k: _mean(rows, k) for k in ("precision", "recall", "class_consistency", "fid_floor")}}
+
+
+def compare(base: dict, neon: dict) -> dict:
+    """Change in % of the means, and whether it lies inside the seed spread (within two standard errors)."""
+    delta = neon["fid_mean"] - base["fid_mean"]
+    k = len(base["fids"])
+    if base["fid_sd"] is None or neon["fid_sd"] is None:
+        within = None  # one seed set: no spread to compare with
+    else:
+        se = math.sqrt(base["fid_sd"] ** 2 / k + neon["fid_sd"] ** 2 / len(neon["fids"]))
+        within = abs(delta) <= 2 * se
+    floor = base.get("fid_floor")
+    return {"change_pct": 100 * delta / base["fid_mean"] if base["fid_mean"] else None, "delta": delta,
+            "within_seed_spread": within, "below_floor": None if floor is None else abs(delta) < floor}
