@@ -1,5 +1,8 @@
 """Latent space: a frozen diffusers `AutoencoderKL` between images and the denoiser (LDM, Rombach et al. 2022).
 
+`model.options.vae` is a diffusers folder (save_pretrained), a hub id, or one LDM-layout checkpoint file
+such as MAR's KL-16 `kl16.ckpt`, the official xAR VAE (read by ldm_vae.py).
+
 A family trains and samples in z = (E(x) − shift)·scale and decodes x = D(z / scale + shift) at the
 end (DiT: scale 0.18215 for the SD VAE, no shift). The VAE is held by the family, never by the
 network, so it is not in any checkpoint and Neon never merges it. diffusers is imported only here,
@@ -15,14 +18,18 @@ import re
 import torch
 
 from ..errors import ConfigError
+from . import ldm_vae
 
 FIELD = "model.options.vae"
 _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 
 
 def resolve_vae_source(source: str) -> str:
-    """A local diffusers folder for `source` (a folder, or a file inside one), else a hub id unchanged."""
+    """A local diffusers folder for `source` (a folder, or a file inside one), an LDM-layout checkpoint file,
+    else a hub id unchanged."""
     path = os.path.abspath(os.path.expanduser(source))
+    if ldm_vae.is_ldm_file(path):
+        return path
     if os.path.isfile(path):
         path = os.path.dirname(path)  # e.g. .../vae/config.json or .../vae/diffusion_pytorch_model.safetensors
     if os.path.isdir(path):
@@ -37,6 +44,8 @@ def resolve_vae_source(source: str) -> str:
 def vae_config(source: str) -> dict:
     """The AutoencoderKL config (a local folder's config.json; hub ids through diffusers)."""
     resolved = resolve_vae_source(source)
+    if os.path.isfile(resolved):
+        return ldm_vae.diffusers_config(ldm_vae.read_state_dict(resolved), os.path.basename(resolved))
     if os.path.isdir(resolved):
         with open(os.path.join(resolved, "config.json")) as fh:
             return json.load(fh)
@@ -57,6 +66,8 @@ def latent_shape(config: dict, image_shape: tuple[int, int, int]) -> tuple[int, 
 def _load_vae(resolved: str):
     from diffusers import AutoencoderKL
 
+    if os.path.isfile(resolved):
+        return ldm_vae.load_ldm_vae(resolved)
     try:
         return AutoencoderKL.from_pretrained(resolved, local_files_only=os.path.isdir(resolved))
     except Exception as exc:  # noqa: BLE001 - diffusers/hub raise many types (offline, missing weights, ...)
@@ -70,6 +81,9 @@ class LatentSpace:
         self.source = resolve_vae_source(source)
         config = vae_config(self.source)
         self.shape = latent_shape(config, image_shape)
+        if scaling_factor is None and os.path.isfile(self.source) and "scaling_factor" not in config:
+            raise ConfigError(f"model.options.vae_scaling_factor: required for {os.path.basename(self.source)} (an LDM checkpoint "
+                              f"carries no latent scale; MAR's KL-16 uses {ldm_vae.MAR_KL16_SCALE})")
         self.scale = float(scaling_factor if scaling_factor is not None else config.get("scaling_factor", 0.18215))
         self.shift = float(shift_factor if shift_factor is not None else (config.get("shift_factor") or 0.0))
         self._vae = None

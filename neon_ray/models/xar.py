@@ -58,6 +58,7 @@ XAR_PRESETS: dict[str, dict] = {
     # CPU size on Fashion-MNIST pixels: 2×2 patches → 14×14 tokens of 4 values, 4 clusters of 7×7 tokens.
     "xar-tiny": dict(width=64, encoder_depth=2, decoder_depth=2, heads=2, patch=2, clusters=4),     # 0.35M; tests, tiny_xar.yaml
 }
+OFFICIAL_PRESETS = ("xAR-B", "xAR-L", "xAR-H")
 XAR_FIELDS = {"width", "encoder_depth", "decoder_depth", "heads", "patch", "clusters"}
 
 EM_LAST_T = 0.04  # the official Euler–Maruyama grid stops its noisy steps at t = 0.04, then takes one mean step to 0
@@ -294,6 +295,11 @@ class XARFamily(DenoiserFamily):
         super().__init__(spec)  # latent space (model.options.vae), label dropout p = 0.1, data_shape
         h = self.hparams
         c, height, width = self.data_shape
+        if self.latent and spec.preset in OFFICIAL_PRESETS:
+            stride = spec.image_shape[1] // height
+            if (c, stride) != (16, 16):
+                raise ConfigError(f"model.options.vae: {spec.preset} runs on MAR's KL-16 latents (16 channels, stride 16); "
+                                  f"this VAE gives {c} channels at stride {stride}")
         patch, clusters = int(h["patch"]), int(h["clusters"])
         cells = math.isqrt(clusters)
         if clusters < 1 or cells * cells != clusters:
