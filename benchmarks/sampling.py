@@ -11,7 +11,8 @@ conditional and unconditional rows batched into one forward) and network forward
 network per second, both CFG halves counted), in fp32 and under bf16 autocast. Samplers: diffusion
 DDIM, edm Heun (NFE = 2·steps − 1), flow Heun (NFE = 2·steps), autoregressive top-p 0.95 with a KV
 cache (NFE = one single-token forward per token: 784 on Fashion-MNIST), fewstep consistency sampling in
-1, 2, 4 and 8 steps, toy-ddpm 20 ancestral steps on 2-D points. Without --presets each family runs its
+1, 2, 4 and 8 steps, xar Euler per cluster (NFE = clusters · steps, plus one context pass per
+cluster after the first), toy-ddpm 20 ancestral steps on 2-D points. Without --presets each family runs its
 Fashion-MNIST-sized presets; DiT-* presets run on 4×32×32 latents with 1000 classes (DiT-XL/2 at 256²,
 the VAE excluded). On CUDA, DiT-XL/2 is compared with the measured H100 ceiling: 1962 forwards/s
 (bf16, compiled, batch 256; /work/shared/gpu/README.md).
@@ -33,7 +34,7 @@ from neon_ray.runtime.seeds import sample_seeds
 H100_DIT_XL2_CEILING = 1962.0  # forwards/s of a DiT-XL/2-sized stack, bf16 + torch.compile, batch 256
 DENOISER_PRESETS = ["unet-p2s", "dit-tiny", "dit-fmnist-cpu"]
 DEFAULT_PRESETS = {"diffusion": DENOISER_PRESETS, "edm": DENOISER_PRESETS, "flow": DENOISER_PRESETS,
-                   "autoregressive": ["ar-fmnist"], "fewstep": ["fewstep-fmnist"], "toy-ddpm": ["mlp-paper"]}
+                   "autoregressive": ["ar-fmnist"], "fewstep": ["fewstep-fmnist"], "xar": ["xar-tiny"], "toy-ddpm": ["mlp-paper"]}
 
 
 def sampler_runs(family: str, steps: int) -> list[dict]:
@@ -46,6 +47,8 @@ def sampler_runs(family: str, steps: int) -> list[dict]:
         return [dict(top_p=0.95, guidance=2.0)]
     if family == "fewstep":
         return [dict(steps=k, guidance=2.0) for k in (1, 2, 4, 8)]
+    if family == "xar":
+        return [dict(name="euler", steps=steps, guidance=2.0)]  # steps per cluster
     if family == "toy-ddpm":
         return [dict(name="ancestral", steps=20)]
     raise SystemExit(f"--families: no benchmark settings for {family!r}")
@@ -62,9 +65,9 @@ class Counting(nn.Module):
         super().__init__()
         self.net, self.rows = net, 0
 
-    def forward(self, x, *args):
+    def forward(self, x, *args, **kwargs):
         self.rows += x.shape[0]
-        return self.net(x, *args)
+        return self.net(x, *args, **kwargs)
 
     def new_cache(self):  # the autoregressive sampler asks its network for a KV cache
         return self.net.new_cache()
@@ -73,6 +76,8 @@ class Counting(nn.Module):
 def spec_for(family: str, preset: str) -> ModelSpec:
     if preset.startswith("DiT-"):
         return ModelSpec(family, preset, (4, 32, 32), 1000)  # ImageNet-256 latents
+    if preset.startswith("xAR-"):
+        return ModelSpec(family, preset, (16, 16, 16), 1000)  # ImageNet-256 KL-16 latents
     if family.startswith("toy-"):
         return ModelSpec(family, preset, (2,), 1)  # the paper's 2-D toy
     return ModelSpec(family, preset, (1, 28, 28), 10)  # Fashion-MNIST pixels

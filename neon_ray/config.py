@@ -116,8 +116,16 @@ class FinetuneConfig(Section):
     checkpoint_every: int = Field(100, ge=1, description="Steps between DeepSpeed checkpoints reported to Ray Train (resume after a failure or a rerun).")
     max_failures: int = Field(1, ge=0, description="Worker-group failures Ray Train recovers from (restart from the last checkpoint).")
     placement_strategy: Literal["PACK", "SPREAD"] = Field("PACK", description="Ray placement of the workers: PACK fills a node first, SPREAD uses every node.")
+    offload_optimizer: bool = Field(False, description="ZeRO-Offload: keep the optimizer state (Adam moments, fp32 master weights) in CPU memory (zero_stage ≥ 1).")
+    activation_checkpointing: bool = Field(False, description="Recompute each transformer block's activations in the backward pass instead of storing them (DiT, xAR).")
 
-    OPERATIONAL: ClassVar[set[str]] = {"checkpoint_every", "max_failures", "placement_strategy"}
+    OPERATIONAL: ClassVar[set[str]] = {"checkpoint_every", "max_failures", "placement_strategy", "activation_checkpointing"}
+
+    @model_validator(mode="after")
+    def _check_offload(self) -> "FinetuneConfig":
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise FieldError("offload_optimizer", "needs finetune.zero_stage 1, 2 or 3 (ZeRO-Offload partitions the optimizer state)")
+        return self
 
     @model_validator(mode="after")
     def _check_batch(self) -> "FinetuneConfig":

@@ -70,3 +70,8 @@ def test_scoring_sampler_merges_evaluate_overrides(tmp_path):
     cfg = load_config(TINY, ["evaluate.sampler={guidance: 1.0}"], str(tmp_path))
     assert cfg.sampler.guidance == 2.0 and cfg.scoring_sampler() == cfg.sampler.model_copy(update={"guidance": 1.0})
     assert load_config(TINY, [], str(tmp_path)).scoring_sampler() == cfg.sampler
+
+
+def test_offload_needs_a_zero_stage(tmp_path):
+    with pytest.raises(ConfigError, match=r"^finetune\.offload_optimizer: needs finetune\.zero_stage 1, 2 or 3"):
+        load_config(TINY, ["finetune.zero_stage=0", "finetune.offload_optimizer=true"], str(tmp_path))

@@ -421,3 +421,40 @@ def test_bad_options_name_the_field(options, shape, message):
 def test_unknown_preset_lists_the_presets():
     with pytest.raises(ConfigError, match=r"^model\.preset: unknown preset 'xAR-XL' for family 'xar'"):
         get_family("xar")(ModelSpec("xar", "xAR-XL", (16, 16, 16), 1000))
+
+
+def test_gpu_throughput_benchmark_runs_on_cpu_at_tiny_sizes():
+    """benchmarks/gpu_throughput.py --tiny: a sampling row per model and precision, and a feature row per extractor."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_throughput.py"
+    out = subprocess.run([sys.executable, str(script), "--tiny", "--device", "cpu", "--batch", "2", "--steps", "1", "--repeats", "1",
+                          "--feature-batch", "2"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [(r[0], r[2]) for r in rows if "tiny" in r[0]] == [("dit-tiny", "fp32"), ("dit-tiny", "bf16"), ("xar-tiny", "fp32"), ("xar-tiny", "bf16")]
+    assert all(float(r[3]) > 0 for r in rows if "tiny" in r[0])
+    assert {r[0] for r in rows if len(r) == 3 and r[0] != "FID features"} == {"inception-fid-helper", "fmnist-classifier"}
+
+
+@pytest.mark.parametrize("family,preset,shape", [("xar", "xar-tiny", (1, 28, 28)), ("diffusion", "dit-tiny", (1, 28, 28))])
+def test_activation_checkpointing_gives_the_same_gradients(family, preset, shape):
+    fam = get_family(family)(ModelSpec(family, preset, shape, 10))
+    torch.manual_seed(0)
+    plain = fam.build().train()
+    checkpointed = fam.build().train()
+    checkpointed.load_state_dict(plain.state_dict())
+    fam.enable_activation_checkpointing(checkpointed)
+    images, labels = torch.rand(3, *shape) * 2 - 1, torch.tensor([0, 1, 2])
+    grads = []
+    for net in (plain, checkpointed):
+        fam.training_loss(net, images, labels, torch.Generator().manual_seed(0)).backward()
+        grads.append({k: p.grad for k, p in net.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for k in grads[0]:
+        torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)
+    unet = get_family("diffusion")(ModelSpec("diffusion", "unet-tiny", shape, 10))
+    with pytest.raises(ConfigError, match=r"^finetune\.activation_checkpointing: the diffusion network UNet has no block stack"):
+        unet.enable_activation_checkpointing(unet.build())

@@ -111,6 +111,12 @@ class ModelFamily(ABC):
         """Names of the tensors Neon extrapolates (default: all; integer/inf tensors are copied by merge)."""
         return list(state_dict)
 
+    def enable_activation_checkpointing(self, net: nn.Module) -> None:
+        """Recompute block activations in the backward pass (networks with an `activation_checkpointing` switch)."""
+        if not hasattr(net, "activation_checkpointing"):
+            raise ConfigError(f"finetune.activation_checkpointing: the {self.name} network {type(net).__name__} has no block stack to checkpoint")
+        net.activation_checkpointing = True
+
     def load_state_dict(self, net: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
         """Load weights strictly; a missing or unexpected key lists the keys and names the file."""
         from .checkpoint import check_state_dict

@@ -18,6 +18,7 @@ Label dropout for CFG happens in the family (from its seeded generator), not ins
 from __future__ import annotations
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -169,6 +170,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", sincos_pos_embed(width, *self.grid)[None])  # (1, T, D)
         self.blocks = nn.ModuleList([DiTBlock(width, heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(width, patch, self.out_channels)
+        self.activation_checkpointing = False  # finetune.activation_checkpointing
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -201,8 +203,16 @@ class DiT(nn.Module):
         x = self.x_embedder(x.to(dtype)) + self.pos_embed.to(dtype)  # (B, T, D)
         c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
         for block in self.blocks:
-            x = block(x, c)  # (B, T, D)
+            x = run_block(block, self.activation_checkpointing, x, c)  # (B, T, D)
         return self.unpatchify(self.final_layer(x, c))  # (B, C_out, H, W)
+
+
+def run_block(block: nn.Module, checkpointed: bool, *args):
+    """block(*args); with `checkpointed` in training, its activations are recomputed in the backward pass instead
+    of stored (non-reentrant torch.utils.checkpoint: the same values and RNG draws, memory for compute)."""
+    if checkpointed and block.training and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+    return block(*args)
 
 
 def check_patch_fits(size: tuple[int, int], patch: int, field: str) -> None:

@@ -45,7 +45,7 @@ from torch import nn
 from ..errors import ConfigError, NeonError
 from .backbones import LATENT_FIELDS, DenoiserFamily
 from .base import ModelSpec, SamplerSettings
-from .dit import TimestepEmbedder
+from .dit import TimestepEmbedder, run_block
 from .guidance import classifier_free_guidance, tile
 from .registry import register_family
 
@@ -238,6 +238,7 @@ class XAR(nn.Module):
         cluster = torch.arange(self.seq_len) // self.cluster_len
         allowed = cluster[None, :] <= cluster[:, None]  # (N, N) [query, key]
         self.register_buffer("mask", torch.zeros(self.seq_len, self.seq_len).masked_fill(~allowed, float("-inf"))[None, None])
+        self.activation_checkpointing = False  # finetune.activation_checkpointing
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -273,10 +274,10 @@ class XAR(nn.Module):
         h = self.z_proj(x.to(dtype)) + self.encoder_pos_embed_learned[:, start : start + n]
         h = self.z_proj_ln(h)  # (B, n, D)
         for i, block in enumerate(self.encoder_blocks):
-            h = block(h, c, start, mask, cache, i)
+            h = run_block(block, self.activation_checkpointing, h, c, start, mask, cache, i)
         h = self.decoder_embed(self.encoder_norm(h)) + self.decoder_pos_embed_learned[:, start : start + n]
         for i, block in enumerate(self.decoder_blocks, start=len(self.encoder_blocks)):
-            h = block(h, c, start, mask, cache, i)
+            h = run_block(block, self.activation_checkpointing, h, c, start, mask, cache, i)
         if cache is not None and write:
             cache.length += n
         return self.pred(self.decoder_norm(h))  # (B, n, C·p·p)

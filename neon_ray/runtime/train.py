@@ -44,15 +44,22 @@ def fresh_start(storage_uri: str, name: str) -> None:
     storage.remove(storage.join(storage_uri, name))
 
 
-def fit(trainer, stage: str, max_failures: int):
-    """`trainer.fit()`, with a failure that exhausted `max_failures` reported in one line with the last worker error."""
+_OOM_MARKS = ("OutOfMemoryError", "out of memory", "running low on memory", "MemoryError", "OOM")
+
+
+def fit(trainer, stage: str, max_failures: int, out_of_memory: str = ""):
+    """`trainer.fit()`, with a failure that exhausted `max_failures` reported in one line with the last worker error
+    (and, when a worker ran out of memory, the `out_of_memory` advice)."""
     from ray.train import TrainingFailedError
 
     try:
         return trainer.fit()
     except TrainingFailedError as exc:
         cause = exc.__cause__ or exc
-        last = next((line.strip() for line in reversed(str(cause).strip().splitlines()) if line.strip()), type(cause).__name__)
+        text = str(cause)
+        last = next((line.strip() for line in reversed(text.strip().splitlines()) if line.strip()), type(cause).__name__)
+        if out_of_memory and any(mark in text for mark in _OOM_MARKS):
+            raise NeonError(f"{stage}: a worker ran out of memory ({last[:160]}); {out_of_memory}; nothing was written") from None
         raise NeonError(f"{stage}: training failed after {max_failures} recovered failure(s); last worker error: {last[:300]}") from None
 
 

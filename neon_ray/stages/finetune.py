@@ -59,6 +59,8 @@ def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
         raise NeonError(f"empty synthetic set: {storage.redact_uri(samples)} holds no images")
     if n < f.batch_size:
         raise NeonError(f"finetune.batch_size: {f.batch_size} exceeds the synthetic set's {n} images")
+    if f.activation_checkpointing:
+        check_activation_checkpointing(spec_of(cfg))
     use_gpu = resolve_use_gpu(f.use_gpu)
     name, ray_dir = f"finetune-{ctx.config_hash}", storage.join(rec.dir, "ray")
     if ctx.force:
@@ -71,7 +73,7 @@ def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
                                      placement_strategy=f.placement_strategy),
         run_config=train_run_config(name, ray_dir, f.max_failures),
     )
-    fit(trainer, "finetune", f.max_failures)
+    fit(trainer, "finetune", f.max_failures, out_of_memory=OOM_HINT)
     summary = storage.read_json(storage.join(rec.dir, "train_summary.json"))
     base_images = train_images_of(base, cfg.model.base_train_images)
     rec.inputs = {"base_checkpoint": base, "samples": samples}
@@ -85,35 +87,60 @@ def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
         "base_train_images": base_images,
         "extra_compute_fraction": (p["images"] / base_images) if base_images else None,
     }
-    rec.params = {"zero_stage": f.zero_stage, "bf16": f.bf16, "lr": f.lr, "batch_size": f.batch_size, "workers": f.workers,
+    rec.params = {"zero_stage": f.zero_stage, "offload_optimizer": f.offload_optimizer,
+                  "activation_checkpointing": f.activation_checkpointing, "bf16": f.bf16, "lr": f.lr, "batch_size": f.batch_size, "workers": f.workers,
                   "warmup_images": f.warmup_images, "budget_images": f.budget_images, "use_gpu": use_gpu}
     return rec.finish()
 
 
-def _deepspeed_config(f: FinetuneConfig, micro_batch: int) -> dict:
+OOM_HINT = ("try finetune.zero_stage: 3 (partitions weights, gradients and optimizer state over the workers), "
+            "finetune.offload_optimizer: true, finetune.activation_checkpointing: true, or more finetune.workers")
+
+
+def check_activation_checkpointing(spec) -> None:
+    """finetune.activation_checkpointing on a network without a checkpointable block stack: say so before any worker starts."""
+    from ..runtime.checkpoints import family_for
+
+    family = family_for(spec)
+    with torch.device("meta"):
+        net = family.build()
+    if not hasattr(net, "activation_checkpointing"):
+        raise NeonError(f"finetune.activation_checkpointing: the {family.name} network {type(net).__name__} ({spec.preset}) "
+                        "has no transformer block stack to checkpoint (DiT and xAR presets do)")
+
+
+def deepspeed_config(f: FinetuneConfig, micro_batch: int) -> dict:
     return {
         "train_batch_size": f.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": f.grad_clip,
-        "zero_optimization": {"stage": f.zero_stage},
+        "zero_optimization": {"stage": f.zero_stage, **({"offload_optimizer": {"device": "cpu"}} if f.offload_optimizer else {})},
+        # ZeRO-Offload with our torch AdamW (the same update as without offload) rather than DeepSpeedCPUAdam,
+        # which would JIT-compile an op and change the arithmetic
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": f.bf16},
         "steps_per_print": 1 << 30,
         "zero_allow_untested_optimizer": True,
     }
 
 
-def _gather_fp32_state(engine, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+def gather_fp32_state(engine, net: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor] | None:
     """Full fp32 weights: DeepSpeed's master copy where it keeps one (ZeRO 1–3, bf16), else the module's.
 
-    Collective under ZeRO-3: every rank must call it.
+    Collective under ZeRO-3: every rank must call it; only ranks with `keep` hold the result (a rank that
+    does not write it drops each gathered tensor at once, so a large model is never held twice per node).
     """
     from deepspeed.utils import safe_get_full_fp32_param
 
     state = {}
     for name, param in engine.module.named_parameters():
         full = safe_get_full_fp32_param(param)
-        state[name] = (full if full is not None else param.detach()).float().cpu().clone()
+        if keep:
+            state[name] = (full if full is not None else param.detach()).float().cpu().clone()
+        del full
+    if not keep:
+        return None
     for name, buf in engine.module.named_buffers():
         state[name] = buf.detach().cpu().clone()
     expected = set(net.state_dict())
@@ -145,11 +172,13 @@ def _finetune_loop(loop_cfg: dict) -> None:
 
     def engine_from_base():
         family, net = load_model(loop_cfg["spec"], loop_cfg["base"])
+        if f.activation_checkpointing:
+            family.enable_activation_checkpointing(net)
         net.train()
         opt = torch.optim.AdamW(net.parameters(), lr=f.lr, weight_decay=f.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, p["warmup_steps"]))
         engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched,
-                                               config=_deepspeed_config(f, p["micro_batch"]), dist_init_required=False)
+                                               config=deepspeed_config(f, p["micro_batch"]), dist_init_required=False)
         return family, net, engine, sched
 
     family, net, engine, sched = engine_from_base()
@@ -188,7 +217,7 @@ def _finetune_loop(loop_cfg: dict) -> None:
                              {"step": done, "losses": losses, "history": history, "initial_loss": initial, "config_hash": h})
     seconds = time.time() - t0
 
-    state = _gather_fp32_state(engine, net)  # collective under ZeRO-3
+    state = gather_fp32_state(engine, net, keep=rank == 0)  # collective under ZeRO-3
     if rank == 0:
         save_checkpoint(storage.join(stage_dir, MODEL), state, family.spec, finetune_images=p["images"])
         storage.write_json_atomic(storage.join(stage_dir, "history.json"), history)
