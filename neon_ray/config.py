@@ -224,6 +224,8 @@ class TuneConfig(Section):
     scheduler: Literal["fifo", "asha"] = Field("fifo", description="asha: Ray Tune's ASHA stops poor Neon trials at a rung (the base arm always runs every rung).")
     reduction_factor: int = Field(3, ge=2, description="ASHA's reduction factor: the top 1/reduction_factor of a rung go on.")
     final_seeds: int = Field(3, ge=0, description="Independent evaluation seed sets (none used by the search) the best base and the best Neon are rescored with at evaluate.num_samples: the headline's mean ± sd. 0: no rescoring (the headline is then the search's own, optimistically selected, scores).")
+    headline_extractor: str | None = Field(None, description="A second feature space the rescored pair is also reported in, e.g. inception-fid-helper (the standard FID Inception, offline): the search may run on cheap features, users compare with papers in Inception FID.")
+    headline_samples: int = Field(1000, ge=2, description="n of the second-space FID: that many samples of each pick's first rescoring set, against that many real reference images, with a floor of that many real images of the other split.")
     max_concurrent_trials: int = Field(1, ge=1)
     cpus_per_trial: float = Field(0.01, gt=0, description="A trial only orchestrates; its sampling and features run in Ray Data actors with their own CPUs.")
     allow_negative_w: bool = False
@@ -381,6 +383,17 @@ class RunConfig(Section):
                     family.validate_sampler({**scoring, name: v}, field="sampler")
                 except ConfigError as exc:
                     raise ConfigError(f"tune.space.{name}.{where}: {str(exc).split(': ', 1)[-1]}") from None
+        if self.tune.headline_extractor is not None:
+            from .fid.extractors import EXTRACTORS
+
+            names = [e.name for e in EXTRACTORS]
+            if self.tune.headline_extractor not in names:
+                raise ConfigError(f"tune.headline_extractor: unknown feature extractor {self.tune.headline_extractor!r}; known: {names}")
+            if not self.tune.final_seeds:
+                raise ConfigError("tune.headline_extractor: needs tune.final_seeds ≥ 1 (it rescores the rescoring sets' samples)")
+            if self.tune.headline_samples > self.evaluate.num_samples:
+                raise ConfigError(f"tune.headline_samples: {self.tune.headline_samples} exceeds evaluate.num_samples="
+                                  f"{self.evaluate.num_samples} (the size of the rescoring sets it reads)")
         if self.tune.rungs and self.tune.rungs[-1] > self.evaluate.num_samples:
             raise ConfigError(f"tune.rungs[{len(self.tune.rungs) - 1}]: {self.tune.rungs[-1]} exceeds evaluate.num_samples="
                               f"{self.evaluate.num_samples} (the full n every result is reported at)")

@@ -200,6 +200,7 @@ def _summary(cfg: RunConfig, m: dict[str, Manifest], seconds: dict[str, float], 
         "base_best_sampler": (final["base"]["sampler"] if final else (base_best or {}).get("sampler", {})),
         "fid_base_configured": ev["fid"],
         "headline": final,
+        "second_space": (final or {}).get("second_space"),  # the pair in tune.headline_extractor's features, if set
         "base_class_consistency": final["base"]["class_consistency"] if final else ev["class_consistency"],
         "neon_class_consistency": final["neon"]["class_consistency"] if final else tu["best_class_consistency"],
         "base_precision": final["base"]["precision"] if final else ev.get("precision"),

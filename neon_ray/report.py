@@ -196,6 +196,12 @@ def print_summary(summary: dict, output: str) -> None:
     print(f"{'change':{width}}{change:>+17.1f}%{verdict}")
     if summary.get("fid_floor") is not None:
         print(f"real-vs-real FID floor at n = {summary['n_eval']}: {summary['fid_floor']:.4f} (differences below it are noise)")
+    if (second := summary.get("second_space")):
+        from .fid.extractors import INCEPTION_SPACE
+
+        standard = ", the standard FID Inception pool3" if second["feature_space"] == INCEPTION_SPACE else ""
+        print(f"in {second['extractor']} features{standard} (n = {second['n']} per side, first seed set): base {second['fid_base']:.3f} → "
+              f"Neon {second['fid_neon']:.3f} ({second['change_pct']:+.1f}%), real-vs-real floor {second['fid_floor']:.3f}")
     if final and summary.get("fid_base_configured") is not None:
         searched = {k: v for k, v in summary["scoring_sampler"].items() if k in summary.get("base_best_sampler", {})}
         print(f"base at the configured sampler{' (' + _settings(searched) + ')' if searched else ''}, "

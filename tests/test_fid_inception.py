@@ -125,3 +125,27 @@ def test_fid_helper_input_errors():
         helper(torch.zeros(1, 4, 32, 32, dtype=torch.uint8))
     with pytest.raises(NeonError, match="expects uint8"):
         helper(torch.zeros(1, 3, 32, 32))
+
+
+def test_second_space_headline_scores_the_pair_in_inception_features(ray_local, tmp_path, tiny_checkpoint):
+    """tune.headline_extractor: the two picks' rescoring samples in the standard Inception space against as many real
+    test images, with the floor of as many train images; one feature pass, cached for a rerun."""
+    from neon_ray.runtime.checkpoints import spec_of
+    from neon_ray.runtime.sampling import sample_to_parquet
+    from tuning.headline import in_second_space
+
+    out = tmp_path / "out"
+    cfg = tiny_config(out, f"model.checkpoint={tiny_checkpoint}", "tune.final_seeds=1", "tune.headline_extractor=inception-fid-helper",
+                      f"tune.headline_samples={N // 2}", "generate.batch_size=8")
+    final = {}
+    for arm, seed in (("base", 1), ("neon", 2)):
+        where = out / "tune" / "final" / arm / "seed-0" / "samples"
+        sample_to_parquet(spec_of(cfg), str(tiny_checkpoint), cfg.sampler, "image", N, seed, "eval", str(where), cfg.generate, actors=1)
+        final[arm] = {"samples": str(where.relative_to(out))}
+    second = in_second_space(cfg, final, str(out / "tune"))
+    assert second["feature_space"] == INCEPTION_SPACE and second["n"] == N // 2 and second["extractor"] == INCEPTION_FID_HELPER
+    assert second["fid_floor"] > 0 and second["fid_base"] > second["fid_floor"] and second["fid_neon"] > second["fid_floor"]
+    assert second["change_pct"] == pytest.approx(100 * (second["fid_neon"] - second["fid_base"]) / second["fid_base"])
+    cached = out / "tune" / "final" / f"second-space-{INCEPTION_FID_HELPER}-n{N // 2}.json"
+    stamp = cached.stat().st_mtime_ns
+    assert in_second_space(cfg, final, str(out / "tune")) == second and cached.stat().st_mtime_ns == stamp  # reused

@@ -119,6 +119,9 @@ def test_pick_compares_trials_at_equal_n():
     (["tune.search=hyperopt"], "tune.search"),
     (["tune.scheduler=asha"], "tune.scheduler"),
     (["tune.search=bracket", "tune.scheduler=asha", "tune.rungs=[10, 40]"], "tune.scheduler"),
+    (["tune.final_seeds=1", "tune.headline_extractor=inception"], "tune.headline_extractor"),
+    (["tune.headline_extractor=inception-fid-helper"], "tune.headline_extractor"),  # tiny.yaml: final_seeds 0
+    (["tune.final_seeds=1", "tune.headline_extractor=inception-fid-helper", "tune.headline_samples=41"], "tune.headline_samples"),
 ])
 def test_bad_search_input_names_the_field(overrides, field, tmp_path):
     from neon_ray.errors import ConfigError

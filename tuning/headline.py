@@ -5,6 +5,12 @@ bias). Both picks (the base at its best sampler setting, Neon at its best (w, se
 rescored at the full n (evaluate.num_samples) with `tune.final_seeds` independent evaluation seed sets,
 each its own (seed, stream) key, and reported as mean ± sd next to the real-vs-real floor at that n. A
 difference within two standard errors of the two means is reported as inside the seed spread.
+
+With `tune.headline_extractor` (e.g. the standard FID Inception) the pair is also scored in that feature
+space: the first tune.headline_samples samples of each pick's first rescoring set (sample i depends only
+on its seed, so they are an n-sample set themselves) against as many real reference images, next to the
+floor of as many real images of the other split. The search may run on cheap features; the headline
+does not rest on them alone (the 128-d Fashion-MNIST classifier exaggerates over-guidance).
 """
 
 from __future__ import annotations
@@ -12,13 +18,17 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pyarrow as pa
 
 from neon_ray import storage
 from neon_ray.config import RunConfig, fingerprint
-from neon_ray.fid.stats import Statistics
+from neon_ray.errors import NeonError
+from neon_ray.fid import extractors
+from neon_ray.fid.stats import Moments, Statistics, frechet_distance
 from neon_ray.merge import merge_uris
 from neon_ray.runtime.seeds import derive_seed
-from neon_ray.scoring import score_rung
+from neon_ray.runtime.samplesets import SampleSet, concat_sets, open_samples
+from neon_ray.scoring import dataset_split, features_of, score_rung
 
 from .spaces import W, settings_of
 from .trainable import MODEL, config_hash_of, trial_dir
@@ -87,3 +97,47 @@ def compare(base: dict, neon: dict) -> dict:
     floor = base.get("fid_floor")
     return {"change_pct": 100 * delta / base["fid_mean"] if base["fid_mean"] else None, "delta": delta,
             "within_seed_spread": within, "below_floor": None if floor is None else abs(delta) < floor}
+
+
+def in_second_space(cfg: RunConfig, final: dict, tune_dir: str) -> dict | None:
+    """FID of the rescored pair in tune.headline_extractor's feature space at tune.headline_samples, with its floor."""
+    name, n = cfg.tune.headline_extractor, cfg.tune.headline_samples
+    if not name:
+        return None
+    ev = cfg.evaluate.model_copy(update={"extractor": name, "extractor_weights": None, "prc": False})
+    other = cfg.model_copy(update={"evaluate": ev})
+    space = extractors.feature_space(name, None)
+    expected = fingerprint("tune-second-space", space, n, ev.seed, final["base"]["samples"], final["neon"]["samples"])
+    uri = storage.join(tune_dir, "final", f"second-space-{name}-n{n}.json")
+    if storage.exists(uri) and (done := storage.read_json(uri)).get("config_hash") == expected:
+        return done
+    real_split = ev.reference_split
+    other_split = "train" if real_split == "test" else "test"
+    parts = {"reference": (_first(dataset_split(other, real_split, n, ev.seed), n), f"{cfg.data.name}/{real_split}"),
+             "floor": (_first(dataset_split(other, other_split, n, ev.seed), n), f"{cfg.data.name}/{other_split}"),
+             **{arm: (_first(open_samples(storage.resolve(cfg.output, final[arm]["samples"])), n), f"the {arm} pick's samples")
+                for arm in ("base", "neon")}}
+    for sset, what in parts.values():
+        if sset is None or sset.n < n:
+            raise NeonError(f"tune.headline_samples: {n} exceeds {what} ({0 if sset is None else sset.n} samples)")
+    # One feature pass over the four sets (one actor-pool start-up), split back by row.
+    joined = concat_sets([sset for sset, _ in parts.values()], "second-space headline")
+    feats = features_of(other, joined, keep_cap=joined.n).features
+    stats = {key: Statistics.from_moments(Moments.of(feats[i * n:(i + 1) * n]), space) for i, key in enumerate(parts)}
+    fids = {key: frechet_distance(stats[key], stats["reference"]) for key in ("floor", "base", "neon")}
+    floor = fids["floor"]
+    done = {"config_hash": expected, "extractor": name, "feature_space": space, "n": n, "reference": f"{cfg.data.name}/{real_split} ({n} images)",
+            "fid_base": fids["base"], "fid_neon": fids["neon"], "fid_floor": floor,
+            "change_pct": 100 * (fids["neon"] - fids["base"]) / fids["base"] if fids["base"] else None}
+    storage.write_json_atomic(uri, done)
+    return done
+
+
+def _first(samples: SampleSet | None, n: int) -> SampleSet | None:
+    """The first n rows, as (encoded sample, label) only: sets of any origin then concatenate."""
+    if samples is None:
+        return None
+    table = samples.table.slice(0, n)
+    columns = [table.column(samples.column), table.column("label").cast(pa.int64())] if "label" in table.column_names else [table.column(samples.column)]
+    return SampleSet(pa.table(columns, names=[samples.column, "label"][: len(columns)]), samples.column, samples.shape, f"{samples.source}[:{n}]")
+

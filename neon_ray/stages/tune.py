@@ -60,6 +60,7 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
         final = {"base": headline.rescore(cfg, base_trial, base, rec.dir, reference, trial_hash),
                  "neon": headline.rescore(cfg, best, best_model, rec.dir, reference, trial_hash)}
         final["comparison"] = headline.compare(final["base"], final["neon"])
+        final["second_space"] = headline.in_second_space(cfg, final, rec.dir)
     rows = [flat(t) for t in trials]
     top = flat(best)
     rec.inputs = {"base_checkpoint": base, "finetuned": finetuned, "reference": reference_uri(cfg)}
