@@ -1,6 +1,7 @@
 """Every built-in family through `neon-ray run` on its tiny config: pretrain → generate → DeepSpeed
 fine-tune → evaluate → Tune over w, on real Ray/DeepSpeed/MLflow/torch-fidelity. The DiT run searches
-(w, γ) jointly on a grid under ASHA with two rungs and rescores the headline on fresh seed sets."""
+(w, γ) jointly on a grid under ASHA with two rungs, rescores the headline on fresh seed sets and reports it in
+the standard FID Inception space too."""
 
 from __future__ import annotations
 
@@ -16,13 +17,15 @@ CONFIGS = ROOT / "jobs" / "configs"
 # The DiT run exercises the search (tuning/): w × γ with the base searched over γ, rungs 20 → 40, ASHA, and the
 # headline pair rescored on 2 fresh evaluation seed sets.
 SEARCH = ["tune.space={w: {choice: [0.5, 1.0]}, guidance: {choice: [1.5, 2.0]}}", "tune.rungs=[20, 40]",
-          "tune.scheduler=asha", "tune.final_seeds=2", "tune.max_concurrent_trials=2"]
+          "tune.scheduler=asha", "tune.final_seeds=2", "tune.max_concurrent_trials=2",
+          "tune.headline_extractor=inception-fid-helper", "tune.headline_samples=20"]
 FAMILIES = {
     "dit": ("tiny_dit.yaml", SEARCH),
     "edm": ("tiny_edm.yaml", []),
     "flow": ("tiny_flow.yaml", []),
     "autoregressive": ("tiny_ar.yaml", []),
     "fewstep": ("tiny_fewstep.yaml", []),
+    "xar": ("tiny_xar.yaml", []),
     "toy-ddpm": ("toy_gaussian.yaml", ["pretrain.steps=50", "data.options.n_test=5000", "evaluate.num_samples=2000",
                                        "generate.num_samples=200", "finetune.budget_images=400", "tune.w_grid=[-1, 1]"]),
     # toy-flow: its protocol and sampler are tested in test_models_toy.py; its end-to-end run was dropped to keep
@@ -74,6 +77,10 @@ def check_search(out, summary: dict, stdout: str, args: list[str]) -> None:
     assert summary["fid_base"] == pytest.approx(sum(head["base"]["fids"]) / 2) and "guidance" in summary["base_best_sampler"]
     assert head["base"]["seeds"] == head["neon"]["seeds"] and len(set(head["base"]["seeds"])) == 2  # fresh, shared sets
     assert "rungs 20 → 40 with ASHA" in stdout and "seed spread" in stdout, stdout[-2000:]
+    # The pair in the standard FID Inception space too (20 per side), with its own real-vs-real floor.
+    second = summary["second_space"]
+    assert second["feature_space"] == "inception-2015-12-05/pool3" and second["n"] == 20 and second["fid_floor"] > 0
+    assert "the standard FID Inception pool3 (n = 20 per side" in stdout, stdout[-2000:]
     # Common random numbers: every trial's first rung has the same sample seeds and labels, whatever w and γ.
     keys = [pq.read_table(out / "tune" / "trials" / t["key"] / "samples", columns=["index", "seed", "label"]).sort_by("index")
             for t in trials]
