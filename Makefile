@@ -21,12 +21,13 @@ quickstart:
 	@$(ENV) neon-ray run jobs/configs/quickstart.yaml --output $(QUICKSTART_OUT)
 
 # Two pytest workers (pytest-xdist): most tests wait on process and Ray start-up rather than compute, so two at
-# a time finish sooner on the 2-core machine. PYTEST_WORKERS=0 runs them one after another.
+# a time finish sooner on the 2-core machine; tests/conftest.py hands out the long ones first. PYTEST_WORKERS=0:
+# one test at a time.
 test:
-	@$(ENV) python -m pytest tests -n $(PYTEST_WORKERS) --dist worksteal --durations=20 $(PYTEST_ARGS)
+	@$(ENV) python -m pytest tests -n $(PYTEST_WORKERS) --dist load --maxschedchunk 1 --durations=25 $(PYTEST_ARGS)
 
 test-fast:
-	@$(ENV) python -m pytest tests -m "not slow" -n $(PYTEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+	@$(ENV) python -m pytest tests -m "not slow" -n $(PYTEST_WORKERS) --dist load $(PYTEST_ARGS)
 
 benchmarks:
 	@$(ENV) python benchmarks/sampling.py

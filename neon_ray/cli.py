@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its own loggers to INFO on import
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the command as Ctrl-C does (also after Ray starts)
+    ray_was_up = _ray_running()  # called from a program that already runs Ray: leave its Ray up
     try:
         return _dispatch(args)
     except NeonError as exc:
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
         print("neon-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     finally:
-        _shutdown_ray()
+        if not ray_was_up:
+            _shutdown_ray()
 
 
 def _remove_temporaries() -> None:
@@ -110,12 +112,13 @@ def _remove_temporaries() -> None:
         pass
 
 
-def _shutdown_ray() -> None:
-    if "ray" in sys.modules:
-        import ray
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
-        if ray.is_initialized():
-            ray.shutdown()
+
+def _shutdown_ray() -> None:
+    if _ray_running():
+        sys.modules["ray"].shutdown()
 
 
 def _dispatch(args: argparse.Namespace) -> int:

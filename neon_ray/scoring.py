@@ -195,12 +195,9 @@ def score_samples(cfg: RunConfig, samples_uri: str, reference: Statistics, num_s
 
 def score_checkpoint(cfg: RunConfig, checkpoint: str, dest_dir: str, reference: Statistics, settings=None, fresh: bool = False) -> dict:
     """Sample the evaluation set of `checkpoint` into `dest_dir/samples` (with `settings`, default the scoring
-    sampler; parts of an interrupted earlier call are reused unless `fresh`) and score it."""
-    info = sample_to_parquet(spec_of(cfg), checkpoint, settings or cfg.scoring_sampler(), dataset_of(cfg).kind,
-                             cfg.evaluate.num_samples, cfg.evaluate.seed, STREAM, storage.join(dest_dir, "samples"), cfg.generate,
-                             fresh=fresh)
-    scores = score_samples(cfg, info["uri"], reference)
-    return scores | {"sample_seconds": info["seconds"], "samples": info["uri"]}
+    sampler; parts of an interrupted earlier call are reused unless `fresh`) and score it: one rung of n."""
+    return score_rung(cfg, checkpoint, dest_dir, reference, settings or cfg.scoring_sampler(), [cfg.evaluate.num_samples], 0,
+                      fresh=fresh)
 
 
 def increment_dir(dest_dir: str, first: int, n: int) -> str:
@@ -209,12 +206,12 @@ def increment_dir(dest_dir: str, first: int, n: int) -> str:
 
 
 def score_rung(cfg: RunConfig, checkpoint: str, dest_dir: str, reference: Statistics, settings, rungs: list[int], k: int,
-               seed: int | None = None) -> dict:
+               seed: int | None = None, fresh: bool = False) -> dict:
     """Score the first `rungs[k]` evaluation samples of `checkpoint` (seed stream `seed`, default evaluate.seed).
 
     Samples rungs[k-1]..rungs[k]-1 are added to those sampled for the earlier rungs (sample i depends only on
     (seed, stream, i), so the union equals a set sampled at once), then the union is scored. Increments left
-    by an earlier call are reused.
+    by an earlier call are reused (unless `fresh`).
     """
     seed = cfg.evaluate.seed if seed is None else seed
     parts, seconds = [], 0.0
@@ -222,7 +219,7 @@ def score_rung(cfg: RunConfig, checkpoint: str, dest_dir: str, reference: Statis
         first = rungs[j - 1] if j else 0
         dest = increment_dir(dest_dir, first, rungs[j])
         info = sample_to_parquet(spec_of(cfg), checkpoint, settings, dataset_of(cfg).kind, rungs[j], seed, STREAM, dest,
-                                 cfg.generate, first=first)
+                                 cfg.generate, first=first, fresh=fresh)
         parts.append(open_samples(info["uri"]))
         seconds += info["seconds"] if j == k else 0.0
     samples = parts[0] if k == 0 else concat_sets(parts, f"{dest_dir} (first {rungs[k]})")

@@ -51,6 +51,13 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def reference_cache(tmp_path_factory):
+    """One reference-statistics cache (evaluate.reference_cache) for the end-to-end runs of a pytest worker: the
+    Fashion-MNIST test split is featurized once, not per run (its file name holds the extractor's hash)."""
+    return tmp_path_factory.mktemp("reference")
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-protocol server (moto) on loopback, with IAM-checked credentials (see tests/_servers.py)."""
     from _servers import start_s3
@@ -58,3 +65,29 @@ def s3_server():
     server = start_s3()
     yield server
     server.stop()
+
+
+# Minutes each long test takes alone on the 2-core machine (measured 2026-12-03). `make test` runs two pytest
+# workers (`-n 2 --dist load`), which take tests in collection order: the long ones go first, so that neither
+# worker is left with a long test at the end while the other idles.
+LONG_TESTS = {
+    "test_families_e2e.py::test_family_runs_end_to_end[dit]": 13,
+    "test_faults.py::": 12,
+    "test_zz_job_submit.py::": 9,
+    "test_e2e.py::": 5,
+    "test_families_e2e.py::": 4,
+    "test_storage_s3.py::": 4,
+    "test_interrupts.py::": 3,
+    "test_plugins.py::": 3,
+    "test_search.py::test_each_searcher": 2,
+    "test_stages_ray.py::test_zero": 2,
+}
+
+
+def expected_minutes(nodeid: str) -> float:
+    name = nodeid.rsplit("/", 1)[-1]
+    return next((m for prefix, m in LONG_TESTS.items() if name.startswith(prefix)), 0)
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: -expected_minutes(item.nodeid))  # stable: the rest keep their order

@@ -33,12 +33,6 @@ FAMILIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def reference_cache(tmp_path_factory):
-    """One reference-statistics cache for the module: the Fashion-MNIST test split is featurized once, not per family."""
-    return tmp_path_factory.mktemp("reference")
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_family_runs_end_to_end(tmp_path, family, reference_cache):

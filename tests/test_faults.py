@@ -23,9 +23,9 @@ def _drills():
 
 
 @pytest.mark.slow
-def test_every_drill_recovers_with_identical_outputs(tmp_path):
+def test_every_drill_recovers_with_identical_outputs(tmp_path, reference_cache):
     drills = _drills()
-    rows = drills.drills(TINY, tmp_path, drills.DRILL_SETTINGS + [f"evaluate.reference_cache={tmp_path / 'reference'}"])
+    rows = drills.drills(TINY, tmp_path, drills.DRILL_SETTINGS + [f"evaluate.reference_cache={reference_cache}"])
     assert [r["drill"] for r in rows][:3] == [k.name for k in drills.standard_kills()]
     for row in rows:
         assert row["killed"], f"{row['drill']}: the drill found nothing to kill"

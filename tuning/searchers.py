@@ -20,7 +20,6 @@ from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from neon_ray.config import RunConfig
-from neon_ray.errors import NeonError
 
 from .spaces import FIDELITY, W, OptunaSpace, choice_settings, grid_space, searches_base
 
@@ -198,11 +197,9 @@ def make_search(cfg: RunConfig) -> tuple[object | None, dict, int]:
         return None, grid_space(cfg), 1
     w = t.w_dimension()
     if t.search == "optuna":
-        try:
-            from optuna.samplers import TPESampler
-            from ray.tune.search.optuna import OptunaSearch
-        except ImportError as exc:
-            raise NeonError(f"tune.search: optuna is not importable ({exc}); pip install the optuna pinned in requirements.txt") from None
+        from optuna.samplers import TPESampler  # present: the config check (tune.search) ran at load
+        from ray.tune.search.optuna import OptunaSearch
+
         startup = max(3, min(10, t.num_trials // 3))  # random trials before TPE models the space
         sampler = TPESampler(seed=cfg.seed, n_startup_trials=startup)
         return OptunaSearch(space=OptunaSpace(cfg), metric="fid", mode="min", sampler=sampler), {}, t.num_trials

@@ -44,14 +44,21 @@ def config_hash_of(trial_hash: str, key: str, settings) -> str:
     return fingerprint("tune-trial-setting", trial_hash, key, settings.model_dump(mode="json"))
 
 
+def scored_rung(tdir: str, n: int, config_hash: str) -> dict | None:
+    """The result of rung n in a trial folder when it was scored for `config_hash`, else None."""
+    uri = rung_uri(tdir, n)
+    if storage.exists(uri) and (done := storage.read_json(uri)).get("config_hash") == config_hash:
+        return done
+    return None
+
+
 def read_rungs(tune_dir: str, config: dict, trial_hash: str, cfg: RunConfig, rungs: list[int]) -> list[dict]:
     """The rung results of a trial config scored under `trial_hash`, in rung order (stops at the first missing)."""
     key = trial_key(config)
     expected = config_hash_of(trial_hash, key, settings_of(cfg, config))
     out = []
     for n in rungs:
-        uri = rung_uri(trial_dir(tune_dir, key), n)
-        if not storage.exists(uri) or (done := storage.read_json(uri)).get("config_hash") != expected:
+        if (done := scored_rung(trial_dir(tune_dir, key), n, expected)) is None:
             break
         out.append(done)
     return out
@@ -73,8 +80,7 @@ def neon_trial(config: dict, cfg_json: dict, base: str, finetuned: str, referenc
         storage.write_json_atomic(marker, {"config_hash": chash, "w": w, "sampler": overrides_of(config)})
     model, ref = base, None
     for k, n in enumerate(rungs[:fidelity]):
-        uri = rung_uri(tdir, n)
-        if storage.exists(uri) and (done := storage.read_json(uri)).get("config_hash") == chash:
+        if (done := scored_rung(tdir, n, chash)) is not None:
             tune.report(reported(done) | {"rung": k})
             continue
         if w != 0.0:  # the merged model is written atomically: present means complete (a retried trial keeps it)
@@ -86,6 +92,6 @@ def neon_trial(config: dict, cfg_json: dict, base: str, finetuned: str, referenc
         done = {"w": w, "key": key, "sampler": overrides_of(config), "config_hash": chash, "rung": k,
                 "model": storage.relative(cfg.output, model) if w != 0.0 else None,
                 "samples": storage.relative(cfg.output, scores["samples"]), **{s: scores[s] for s in SCORES}}
-        storage.write_json_atomic(uri, done)
+        storage.write_json_atomic(rung_uri(tdir, n), done)
         storage.write_json_atomic(storage.join(tdir, RESULT), done)
         tune.report(reported(done) | {"rung": k})

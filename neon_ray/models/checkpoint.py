@@ -29,7 +29,7 @@ _DTYPE_NAMES = {
 
 @contextlib.contextmanager
 def weights_only_loads(allowed: Iterable[type] = ()) -> Iterator[None]:
-    """Make every torch.load inside (also a library's own, e.g. weights_only=False) use the weights-only
+    """Make every torch.load inside (also a library's own that asks for the full unpickler) use the weights-only
     unpickler, which builds tensors and plain containers plus the `allowed` classes and refuses anything else."""
     old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"

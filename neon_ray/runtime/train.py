@@ -105,7 +105,7 @@ def restored_state(stage: str, config_hash: str) -> dict | None:
 
 @contextlib.contextmanager
 def deepspeed_weights_only() -> Iterator[None]:
-    """DeepSpeed loads its checkpoint files with torch.load(weights_only=False): force the weights-only
+    """DeepSpeed loads its checkpoint files with a full unpickler (torch.load with weights_only off): force the weights-only
     unpickler, allowing only DeepSpeed's plain records (loss-scaler settings, the ZeRO stage enum, fragment
     addresses)."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
