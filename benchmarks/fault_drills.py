@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Every stage long enough to be hit mid-way, and checkpoints often enough to resume from.
 DRILL_SETTINGS = ["generate.num_samples=60", "generate.batch_size=5", "finetune.budget_images=320",
-                  "finetune.checkpoint_every=10", "pretrain.checkpoint_every=10", "evaluate.floor=false", "mlflow.enabled=false"]
+                  "finetune.checkpoint_every=10", "pretrain.checkpoint_every=10", "evaluate.floor=false"]
 
 
 @dataclass
@@ -157,20 +157,23 @@ def compare(reference: Path, other: Path, tolerance: float = 1e-6) -> dict:
     return checks
 
 
-def drills(config: Path, out: Path, sets: list[str]) -> list[dict]:
-    """All drills; returns one row per drill."""
+def drills(config: Path, out: Path, sets: list[str], undisturbed: tuple[Path, Outcome] | None = None) -> list[dict]:
+    """All drills; returns one row per drill. `undisturbed`: an undisturbed run of the same config and settings
+    already made (its output folder and outcome), else one is made first under `out`."""
     rows = []
-    reference = run(config, out / "undisturbed", sets)
+    if undisturbed is None:
+        undisturbed = (out / "undisturbed", run(config, out / "undisturbed", sets))
+    clean, reference = undisturbed
     assert reference.returncode == 0, reference.log[-3000:]
     disturbed = run(config, out / "disturbed", sets, kills=standard_kills())
-    checks = compare(out / "undisturbed", out / "disturbed") if disturbed.returncode == 0 else {}
+    checks = compare(clean, out / "disturbed") if disturbed.returncode == 0 else {}
     for kill in disturbed.kills:
         rows.append({"drill": kill.name, "killed": kill.pid is not None, "recovered": disturbed.returncode == 0,
                      "seconds_lost": round(disturbed.seconds - reference.seconds, 1), "identical": all(checks.values()) if checks else False,
                      "checks": checks})
     first = run(config, out / "driver", sets, kill_driver_when=_before("finetune", "finetune/ray/*/checkpoint_manager_snapshot.json"))
     again = run(config, out / "driver", sets)
-    checks = compare(out / "undisturbed", out / "driver") if again.returncode == 0 else {}
+    checks = compare(clean, out / "driver") if again.returncode == 0 else {}
     rows.append({"drill": "driver, mid-finetune, then the same command again", "killed": first.returncode != 0,
                  "recovered": again.returncode == 0 and "resuming at step" in again.log,
                  "seconds_lost": round(first.seconds + again.seconds - reference.seconds, 1),

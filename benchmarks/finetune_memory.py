@@ -9,7 +9,9 @@ AdamW at global batch --batch through Ray Train workers running DeepSpeed with t
 DeepSpeed config (stages/finetune.py `deepspeed_config`) and its fp32 gather (`gather_fp32_state`):
 - zero0: 1 worker holding a full replica (two 675M replicas with fp32 Adam, ~11 GB each, do not fit in 24 GiB);
 - zero2, zero3, zero3+offload: 2 workers, the global batch split between them.
-Workers get 2 / workers torch threads each, so every row uses the same two cores.
+Workers get 2 / workers torch threads each, so every row uses the same two cores, and the finetune stage's
+worker environment (runtime/train.py HOST_MEMORY_ENV) and DeepSpeed bucket sizes. A configuration whose workers
+do not fit (Ray's memory monitor stops them) prints a "did not run" row and the script goes on.
 
 The loss is a fixed regression of the network's output onto targets drawn per row from (seed, step, row)
 (not the family objective, whose noise is drawn per batch): the global batch is then the same rows however
@@ -28,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import statistics
 import subprocess
@@ -48,8 +51,9 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def batch_rows(family, net_kind: str, rows: range, step: int, seed: int) -> tuple:
-    """Network inputs and regression targets of the given global rows, each row from its own generator."""
+def batch_rows(family, net_kind: str, rows: range, step: int, seed: int, out_channels: int) -> tuple:
+    """Network inputs and regression targets of the given global rows, each row from its own generator
+    (targets shaped like the output: DiT-XL/2 learns σ, so it predicts 2 × its input channels)."""
     xs, ts, ys, targets = [], [], [], []
     for row in rows:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step * 10_007 + row)
@@ -59,7 +63,7 @@ def batch_rows(family, net_kind: str, rows: range, step: int, seed: int) -> tupl
         else:
             shape = family.data_shape
             xs.append(torch.randn(*shape, generator=g)), ts.append(torch.rand((), generator=g) * 999)
-            targets.append(torch.randn(*shape, generator=g))
+            targets.append(torch.randn(out_channels, *shape[1:], generator=g))
         ys.append(torch.randint(0, family.spec.num_classes, (), generator=g))
     return torch.stack(xs), torch.stack(ts), torch.stack(ys), torch.stack(targets)
 
@@ -90,7 +94,8 @@ def train_loop(cfg: dict) -> None:
     engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=deepspeed_config(f, micro), dist_init_required=False)
     times = []
     for step in range(cfg["steps"]):
-        x, t, y, target = batch_rows(family, family_name, range(rank * micro, (rank + 1) * micro), step, seed=1)
+        x, t, y, target = batch_rows(family, family_name, range(rank * micro, (rank + 1) * micro), step, seed=1,
+                                      out_channels=getattr(net, "out_channels", None))
         t0 = time.perf_counter()
         loss = torch.nn.functional.mse_loss(engine(x, t, y).float(), target)
         engine.backward(loss)
@@ -120,6 +125,8 @@ def run_config(model: str, name: str, args, work: str) -> list[dict]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from neon_ray.runtime.train import HOST_MEMORY_ENV
+
     zero, offload, workers = CONFIGS[name]
     out = tempfile.mkdtemp(prefix=f"{name}-", dir=work)
     slug = model.replace("/", "")
@@ -128,7 +135,8 @@ def run_config(model: str, name: str, args, work: str) -> list[dict]:
            "reference": os.path.join(work, f"{slug}-zero0.safetensors"), "base": os.path.join(work, f"{slug}-base.safetensors")}
     trainer = TorchTrainer(train_loop, train_loop_config=cfg,
                            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
-                           run_config=RunConfig(name=f"mem-{slug}-{name}", storage_path=os.path.join(work, "ray")))
+                           run_config=RunConfig(name=f"mem-{slug}-{name}", storage_path=os.path.join(work, "ray"),
+                                                worker_runtime_env={"env_vars": HOST_MEMORY_ENV}))  # as the finetune stage's workers
     trainer.fit()
     return [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out))]
 
@@ -147,6 +155,15 @@ def merge_peak(work: str, slug: str) -> float:
     out = subprocess.run([sys.executable, "-c", MERGE_CHILD, base, ft, os.path.join(work, f"{slug}-neon.safetensors")],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_above_baseline_mb"]
+
+
+def did_not_run(exc: BaseException) -> str:
+    """One line for a configuration that failed, e.g. workers killed by Ray's memory monitor."""
+    text = str(exc)
+    if "memory" in text.lower() and ("OutOfMemory" in text or "memory used" in text):
+        used = sorted({float(m) for m in re.findall(r"actual memory used=([0-9.]+)GB", text)}, reverse=True)
+        return "out of memory" + (f" (a worker at {used[0]:.1f} GB when Ray's memory monitor stopped it)" if used else "")
+    return (text.strip().splitlines() or [type(exc).__name__])[-1][:160]
 
 
 def main() -> None:
@@ -169,11 +186,20 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     try:
         for model in args.models.split(","):
-            zero0_peak = None
+            slug = model.replace("/", "")
+            zero0_record = os.path.join(work, f"{slug}-zero0.json")  # a later call with --work and without zero0 compares with it
+            zero0_peak = json.load(open(zero0_record))["train_peak_mb"] if os.path.exists(zero0_record) else None
             for name in args.configs.split(","):
-                ranks = run_config(model, name, args, work)
+                try:
+                    ranks = run_config(model, name, args, work)
+                except Exception as exc:  # noqa: BLE001 (a row that does not fit is a result: say so, go on)
+                    print(f"| {model} | | {name} | {CONFIGS[name][2]} | did not run: {did_not_run(exc)} | | | | |", flush=True)
+                    continue
                 peak = max(r["train_peak_mb"] for r in ranks)
-                zero0_peak = peak if name == "zero0" else zero0_peak
+                if name == "zero0":
+                    zero0_peak = peak
+                    with open(zero0_record, "w") as fh:
+                        json.dump({"train_peak_mb": peak}, fh)
                 r0 = next(r for r in ranks if r["rank"] == 0)
                 others = [r["gather_peak_mb"] for r in ranks if r["rank"] != 0]
                 ratio = f"{peak / zero0_peak:.2f}×" if zero0_peak else "–"
@@ -182,7 +208,6 @@ def main() -> None:
                 gathered = " / ".join([f"{r0['gather_peak_mb']:.0f}", *(f"{o:.0f}" for o in others)])
                 step = statistics.mean(r["s_per_step"] for r in ranks)
                 print(f"| {model} | {r0['params'] / 1e6:.1f}M | {name} | {len(ranks)} | {peaks} | {gathered} | {step:.2f} | {ratio} | {diff} |", flush=True)
-            slug = model.replace("/", "")
             if os.path.exists(os.path.join(work, f"{slug}-zero0.safetensors")):
                 largest = r0["largest_tensor_mb"]
                 peak = merge_peak(work, slug)

@@ -118,8 +118,11 @@ class FinetuneConfig(Section):
     placement_strategy: Literal["PACK", "SPREAD"] = Field("PACK", description="Ray placement of the workers: PACK fills a node first, SPREAD uses every node.")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload: keep the optimizer state (Adam moments, fp32 master weights) in CPU memory (zero_stage ≥ 1).")
     activation_checkpointing: bool = Field(False, description="Recompute each transformer block's activations in the backward pass instead of storing them (DiT, xAR).")
+    zero_bucket_elements: int = Field(50_000_000, ge=1_000_000, description="DeepSpeed's reduce / all-gather bucket size, in elements (its default, 5e8, is 2 GB per fp32 bucket).")
+    zero3_max_live_parameters: int = Field(100_000_000, ge=1_000_000, description="ZeRO-3: parameters gathered at once (DeepSpeed's default, 1e9, keeps a whole 675M model gathered).")
 
-    OPERATIONAL: ClassVar[set[str]] = {"checkpoint_every", "max_failures", "placement_strategy", "activation_checkpointing"}
+    OPERATIONAL: ClassVar[set[str]] = {"checkpoint_every", "max_failures", "placement_strategy", "activation_checkpointing",
+                                       "zero_bucket_elements", "zero3_max_live_parameters"}
 
     @model_validator(mode="after")
     def _check_offload(self) -> "FinetuneConfig":

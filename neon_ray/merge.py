@@ -1,6 +1,7 @@
 """Neon's merge, θ_neon = θ_base − w·(θ_ft − θ_base) (paper §3, Eq. 3), streamed tensor by tensor.
 
-Pure torch + safetensors: at most one tensor of each model is in memory at a time.
+Pure torch + safetensors: at most one tensor of each model is in memory at a time (read with plain reads,
+not through safetensors' file mapping, which would keep every tensor read resident).
 - arithmetic in fp32 (fp64 for fp64 tensors): the (1+w)·θ_base − w·θ_ft form overflows in half precision;
 - integer/bool tensors (step counters, index buffers) and tensors of θ_base holding ±inf/NaN
   (attention masks) are copied from θ_base unchanged;
@@ -19,7 +20,7 @@ from safetensors import safe_open
 
 from . import storage
 from .errors import NeonError
-from .models.checkpoint import StreamingSafetensorsWriter
+from .models.checkpoint import SafetensorsReader, StreamingSafetensorsWriter
 
 
 def check_w(w: float, allow_negative: bool = False) -> None:
@@ -84,14 +85,16 @@ def merge_files(base_path: str, finetuned_path: str, out_path: str, w: float, al
         meta["neon_w"] = json.dumps(w)
         writer = StreamingSafetensorsWriter(out_path, layout, metadata=meta)
         merged = copied = 0
+        # The tensors themselves through plain reads (safe_open's mapping would keep each read one resident).
         try:
-            for key in keys:
-                b = base.get_tensor(key)
-                if b.is_floating_point() and torch.isfinite(b).all():
-                    merged += 1
-                else:
-                    copied += 1
-                writer.write(key, neon_tensor(b, ft.get_tensor(key), w))
+            with SafetensorsReader(base_path) as base_data, SafetensorsReader(finetuned_path) as ft_data:
+                for key in keys:
+                    b = base_data.get_tensor(key)
+                    if b.is_floating_point() and torch.isfinite(b).all():
+                        merged += 1
+                    else:
+                        copied += 1
+                    writer.write(key, neon_tensor(b, ft_data.get_tensor(key), w))
         finally:
             writer.close()
     return {"merged_tensors": merged, "copied_tensors": copied}

@@ -11,6 +11,18 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
 
 
+def fault_drills():
+    """benchmarks/fault_drills.py as a module (the tests run its drills and its undisturbed run)."""
+    import importlib.util
+
+    if "fault_drills" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("fault_drills", ROOT / "benchmarks" / "fault_drills.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["fault_drills"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["fault_drills"]
+
+
 def tiny_config(output: Path, *overrides: str):
     from neon_ray.config import load_config
 

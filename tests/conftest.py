@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -50,11 +51,42 @@ def one_torch_thread():
     torch.set_num_threads(threads)
 
 
+def _shared_dir(tmp_path_factory, worker_id: str):
+    """A folder every pytest worker of this `make test` sees (xdist gives each worker its own basetemp below it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base if worker_id == "master" else base.parent
+
+
 @pytest.fixture(scope="session")
-def reference_cache(tmp_path_factory):
-    """One reference-statistics cache (evaluate.reference_cache) for the end-to-end runs of a pytest worker: the
-    Fashion-MNIST test split is featurized once, not per run (its file name holds the extractor's hash)."""
-    return tmp_path_factory.mktemp("reference")
+def reference_cache(tmp_path_factory, worker_id):
+    """One reference-statistics cache (evaluate.reference_cache) for the end-to-end runs of the whole session: the
+    Fashion-MNIST test split is featurized once, not per run (its file name holds the extractor's hash; it is
+    written temp + rename, so two workers filling it at once both leave the same whole file)."""
+    path = _shared_dir(tmp_path_factory, worker_id) / "reference-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def undisturbed_tiny_run(tmp_path_factory, worker_id, reference_cache):
+    """One undisturbed `neon-ray run` of the tiny config at the fault drills' settings, made once for the session
+    (the first worker to ask runs it; a file lock keeps the other waiting): test_faults compares its disturbed
+    runs with it, test_e2e checks its outputs, MLflow records and reruns. Returns (output folder, the fault drills' Outcome, the --set settings)."""
+    from filelock import FileLock
+
+    from _support import TINY, fault_drills
+
+    drills = fault_drills()
+    sets = drills.DRILL_SETTINGS + [f"evaluate.reference_cache={reference_cache}"]
+    shared = _shared_dir(tmp_path_factory, worker_id)
+    out, record = shared / "undisturbed-tiny", shared / "undisturbed-tiny.json"
+    with FileLock(str(shared / "undisturbed-tiny.lock")):
+        if not record.exists():
+            outcome = drills.run(TINY, out, sets)
+            record.write_text(json.dumps({"returncode": outcome.returncode, "seconds": outcome.seconds, "log": outcome.log}))
+    outcome = drills.Outcome(**json.loads(record.read_text()))
+    assert outcome.returncode == 0, outcome.log[-4000:]
+    return out, outcome, sets
 
 
 @pytest.fixture(scope="session")
@@ -72,9 +104,9 @@ def s3_server():
 # worker is left with a long test at the end while the other idles.
 LONG_TESTS = {
     "test_families_e2e.py::test_family_runs_end_to_end[dit]": 13,
-    "test_faults.py::": 12,
+    "test_faults.py::": 11,  # it makes the session's undisturbed tiny run first ...
     "test_zz_job_submit.py::": 9,
-    "test_e2e.py::": 5,
+    "test_e2e.py::": 3,  # ... which this one then finds made (it would wait on the lock otherwise)
     "test_families_e2e.py::": 4,
     "test_storage_s3.py::": 4,
     "test_interrupts.py::": 3,

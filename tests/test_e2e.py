@@ -52,20 +52,20 @@ def tree_digest(root: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_neon_ray_run_end_to_end(tmp_path):
-    out = tmp_path / "run"
-    t0 = time.time()
-    first = neon_ray_cli("run", str(TINY), "--output", str(out), timeout=1500, env={"MLFLOW_TRACKING_URI": ""})
-    minutes = (time.time() - t0) / 60
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+def test_neon_ray_run_end_to_end(tmp_path, undisturbed_tiny_run):
+    # The first run is the session's undisturbed tiny run (the fault drills' settings: |S| = 60, 320 fine-tune
+    # images, no floor), shared with test_faults; what this test adds (a rerun, a merge) leaves what they compare.
+    out, first, sets = undisturbed_tiny_run
+    same = [a for s in sets for a in ("--set", s)]  # the reruns: the same config
+    minutes = first.seconds / 60
     summary = json.loads((out / "summary.json").read_text())
     for field in SUMMARY_FIELDS:
         assert field in summary, field
-    assert summary["best_w"] in (0.5, 1.0) and summary["n_synthetic"] == 40 and summary["guidance"] == 2.0
+    assert summary["best_w"] in (0.5, 1.0) and summary["n_synthetic"] == 60 and summary["guidance"] == 2.0
     assert summary["fid_neon"] == min(t["fid"] for t in summary["trials"])
     assert 0 < summary["extra_compute_fraction"] < 1
     assert summary["best_model"] == f"tune/trials/w={summary['best_w']:.6g}/model.safetensors"  # relative to the output
-    assert "FID" in first.stdout and "mlflow ui --backend-store-uri" in first.stdout
+    assert "FID" in first.log and "mlflow ui --backend-store-uri" in first.log
     assert (out / "samples_base_vs_neon.png").stat().st_size > 1000 and (out / "fid_vs_w.png").stat().st_size > 1000
     for stage in STAGES:
         manifest = json.loads((out / stage / "manifest.json").read_text())
@@ -74,7 +74,7 @@ def test_neon_ray_run_end_to_end(tmp_path):
     check_mlflow(out)
 
     # Quiet logs in a non-TTY: no progress bars, no per-dataset chatter, a bounded number of lines per minute.
-    lines = (first.stdout + first.stderr).splitlines()
+    lines = first.log.splitlines()
     assert not [l for l in lines if re.search(r"\d+%\|", l) or "Running Dataset" in l or "Execution plan" in l], lines[:20]
     assert len(lines) <= 40 * minutes + 40, (len(lines), minutes)
 
@@ -95,7 +95,7 @@ def test_neon_ray_run_end_to_end(tmp_path):
 
     # Rerun: every stage skipped, nothing logged twice, the same parent resumed.
     t0 = time.time()
-    second = neon_ray_cli("run", str(TINY), "--output", str(out), timeout=600, env={"MLFLOW_TRACKING_URI": ""})
+    second = neon_ray_cli("run", str(TINY), "--output", str(out), *same, timeout=600, env={"MLFLOW_TRACKING_URI": ""})
     wall = time.time() - t0
     assert second.returncode == 0, second.stderr[-3000:]
     again = json.loads((out / "summary.json").read_text())
@@ -107,7 +107,7 @@ def test_neon_ray_run_end_to_end(tmp_path):
     check_mlflow(out)
 
     # A single-stage command logs into the same parent: `merge` at a chosen w.
-    merged = neon_ray_cli("merge", str(TINY), "--output", str(out), "--w", "0.25", env={"MLFLOW_TRACKING_URI": ""})
+    merged = neon_ray_cli("merge", str(TINY), "--output", str(out), *same, "--w", "0.25", env={"MLFLOW_TRACKING_URI": ""})
     assert merged.returncode == 0, merged.stderr[-3000:]
     _, runs = mlflow_runs(out)
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
@@ -123,7 +123,7 @@ def test_neon_ray_run_end_to_end(tmp_path):
     shutil.copytree(out, copy, symlinks=True)
 
     # The copy reruns in place: it is complete as it is, and narrowing its grid touches only the copy.
-    in_copy = neon_ray_cli("run", str(TINY), "--output", str(copy), "--set", f"tune.w_grid=[{lost['w']}]",
+    in_copy = neon_ray_cli("run", str(TINY), "--output", str(copy), *same, "--set", f"tune.w_grid=[{lost['w']}]",
                            timeout=600, env={"MLFLOW_TRACKING_URI": ""})
     assert in_copy.returncode == 0, in_copy.stderr[-3000:]
     assert in_copy.stderr.count("up to date") >= 4  # pretrain..evaluate reused from the copied manifests

@@ -1,31 +1,22 @@
 """Fault drills on the tiny config (benchmarks/fault_drills.py runs the same at any size and prints the table):
 kill -9 a sampling actor mid-generate, a Ray Train worker mid-finetune, a Tune trial mid-tune, and the driver
 mid-finetune followed by the same command again. Every run completes, and S, θ_base, θ_ft and the FID table
-match an undisturbed run of the same config: determinism and fault tolerance checked together."""
+match an undisturbed run of the same config (the session's `undisturbed_tiny_run`, which test_e2e checks too): determinism and fault tolerance checked together."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from _support import ROOT, TINY
-
-
-def _drills():
-    spec = importlib.util.spec_from_file_location("fault_drills", ROOT / "benchmarks" / "fault_drills.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["fault_drills"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+from _support import TINY, fault_drills
 
 
 @pytest.mark.slow
-def test_every_drill_recovers_with_identical_outputs(tmp_path, reference_cache):
-    drills = _drills()
-    rows = drills.drills(TINY, tmp_path, drills.DRILL_SETTINGS + [f"evaluate.reference_cache={reference_cache}"])
+def test_every_drill_recovers_with_identical_outputs(tmp_path, undisturbed_tiny_run):
+    drills = fault_drills()
+    clean, outcome, sets = undisturbed_tiny_run
+    rows = drills.drills(TINY, tmp_path, sets, undisturbed=(clean, outcome))
     assert [r["drill"] for r in rows][:3] == [k.name for k in drills.standard_kills()]
     for row in rows:
         assert row["killed"], f"{row['drill']}: the drill found nothing to kill"

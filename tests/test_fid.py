@@ -97,9 +97,11 @@ def test_sharded_fid_equals_torch_fidelity_single_process(ray_local, tmp_path, t
     space, fp = feature_space(FMNIST_CLASSIFIER, None), fingerprint(FMNIST_CLASSIFIER, None)
     (a, ya), (b, yb), fid_torch_fidelity = two_sets
     keep = keep_mask(len(a), 50, seed=3)
+    threads = torch.get_num_threads()
     pa_ = extract(encoded_set(a, ya, codec, "a"), FMNIST_CLASSIFIER, None, space, fp, cfg.evaluate, 64, num_shards=shards, keep=keep)
     pb = extract(encoded_set(b, yb, codec, "b"), FMNIST_CLASSIFIER, None, space, fp, cfg.evaluate, 64, num_shards=shards)
     assert pa_.stats.n == 300 and pa_.consistency > 0.85  # the classifier agrees with real labels
+    assert torch.get_num_threads() == threads  # one shard runs in this process, which keeps its thread setting
     assert frechet_distance(pa_.stats, pb.stats) == pytest.approx(fid_torch_fidelity, rel=1e-6)
     assert fid_torch_fidelity > 1.0 and abs(frechet_distance(pa_.stats, pa_.stats)) < 1e-6
     # The kept features (for precision/recall) are the chosen rows, in row order, whatever the sharding.

@@ -98,3 +98,17 @@ def test_streaming_writer_round_trips_every_dtype(tmp_path):
     back = load_file(tmp_path / "x.safetensors")
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+
+
+def test_plain_read_reader_round_trips_every_dtype(tmp_path):
+    """The merge's reader (plain reads, no file mapping) gives what safetensors itself loads."""
+    from neon_ray.models.checkpoint import SafetensorsReader
+
+    tensors = {"f32": torch.randn(3, 2), "bf16": torch.randn(5).to(torch.bfloat16), "f16": torch.randn(2, 2).half(),
+               "i64": torch.arange(4), "u8": torch.arange(6, dtype=torch.uint8).reshape(2, 3),
+               "b": torch.tensor([True, False, True]), "s": torch.tensor(1.5), "empty": torch.zeros(0, 3)}
+    save_file(tensors, str(tmp_path / "x.safetensors"), metadata={"k": "v"})
+    with SafetensorsReader(str(tmp_path / "x.safetensors")) as reader:
+        for k, v in tensors.items():
+            got = reader.get_tensor(k)
+            assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k

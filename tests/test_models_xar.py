@@ -456,5 +456,13 @@ def test_activation_checkpointing_gives_the_same_gradients(family, preset, shape
     for k in grads[0]:
         torch.testing.assert_close(grads[1][k], grads[0][k], atol=1e-6, rtol=1e-5)
     unet = get_family("diffusion")(ModelSpec("diffusion", "unet-tiny", shape, 10))
-    with pytest.raises(ConfigError, match=r"^finetune\.activation_checkpointing: the diffusion network UNet has no block stack"):
+    with pytest.raises(ConfigError, match=r"^finetune\.activation_checkpointing: the diffusion network UNet \(unet-tiny\) has no block stack"):
         unet.enable_activation_checkpointing(unet.build())
+
+
+def test_finetune_refuses_activation_checkpointing_on_a_unet_before_any_worker_starts():
+    from neon_ray.stages.finetune import check_activation_checkpointing
+
+    check_activation_checkpointing(ModelSpec("xar", "xar-tiny", (1, 28, 28), 10))  # a block stack: accepted
+    with pytest.raises(ConfigError, match=r"^finetune\.activation_checkpointing: the diffusion network UNet \(unet-tiny\)"):
+        check_activation_checkpointing(ModelSpec("diffusion", "unet-tiny", (1, 28, 28), 10))

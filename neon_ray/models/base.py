@@ -114,7 +114,8 @@ class ModelFamily(ABC):
     def enable_activation_checkpointing(self, net: nn.Module) -> None:
         """Recompute block activations in the backward pass (networks with an `activation_checkpointing` switch)."""
         if not hasattr(net, "activation_checkpointing"):
-            raise ConfigError(f"finetune.activation_checkpointing: the {self.name} network {type(net).__name__} has no block stack to checkpoint")
+            raise ConfigError(f"finetune.activation_checkpointing: the {self.name} network {type(net).__name__} ({self.spec.preset}) "
+                              "has no block stack to checkpoint (DiT and xAR presets do)")
         net.activation_checkpointing = True
 
     def load_state_dict(self, net: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:

@@ -162,3 +162,41 @@ class StreamingSafetensorsWriter:
     def close(self) -> None:
         self._fh.close()
         assert self._next == len(self._order), "not every tensor was written"
+
+
+class SafetensorsReader:
+    """Reads one tensor at a time from a safetensors file with plain reads into its own buffer.
+
+    safe_open maps the whole file: every tensor read stays counted in the process's resident memory until the
+    file is closed, so streaming two 675M-parameter files through it peaks at gigabytes (benchmarks/
+    finetune_memory.py). Here a tensor's memory is freed with the tensor.
+    """
+
+    def __init__(self, path: str):
+        self._fh = open(path, "rb")
+        (length,) = struct.unpack("<Q", self._fh.read(8))
+        header = json.loads(self._fh.read(length))
+        header.pop("__metadata__", None)
+        self._start, self._header = 8 + length, header
+        self._dtypes = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        info = self._header[key]
+        begin, end = info["data_offsets"]
+        buf = bytearray(end - begin)
+        self._fh.seek(self._start + begin)
+        self._fh.readinto(buf)
+        dtype = self._dtypes[info["dtype"]]
+        if end == begin:
+            return torch.empty(info["shape"], dtype=dtype)
+        flat = torch.frombuffer(buf, dtype=torch.uint8)
+        return (flat.view(dtype) if dtype != torch.bool else flat.bool()).reshape(info["shape"])
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

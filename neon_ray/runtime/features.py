@@ -19,6 +19,7 @@ import pyarrow as pa
 import torch
 
 from ..fid.stats import Moments, Statistics
+from .checkpoints import run_here
 from .cluster import actor_gpus
 from .samplesets import SampleSet
 
@@ -110,17 +111,23 @@ def extract(samples: SampleSet, extractor: str, weights: str | None, feature_spa
     shards = num_shards or min(math.ceil(n / chunk), SHARDS_PER_ACTOR * resources.actors)
     table = samples.table.append_column("row", pa.array(np.arange(n, dtype=np.int64))).append_column("keep", pa.array(keep))
     gpus = actor_gpus(resources.gpus_per_actor)
-    ds = shards_of(table, shards).map_batches(
-        FeatureActor,
-        fn_constructor_kwargs=dict(extractor=extractor, weights=weights, feature=info.feature, column=samples.column,
-                                   kind=info.kind, chunk=chunk, threads=resources.threads_per_actor, use_gpu=gpus > 0),
-        batch_size=None,  # one call per shard; the actor chunks it
-        compute=ActorPoolStrategy(size=max(1, min(shards, resources.actors))),
-        num_cpus=resources.cpus_per_actor,
-        num_gpus=gpus,
-    )
+    actor_args = dict(extractor=extractor, weights=weights, feature=info.feature, column=samples.column,
+                      kind=info.kind, chunk=chunk, threads=resources.threads_per_actor, use_gpu=gpus > 0)
+    if shards == 1 and not gpus:
+        # One shard is one call of one actor: run it here (the same class and math), since a pool would add only
+        # its start-up (a process, torch, the extractor: seconds each time, most of a small pass on a busy CPU).
+        batches = [run_here(FeatureActor, actor_args, {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names})]
+    else:
+        batches = shards_of(table, shards).map_batches(
+            FeatureActor,
+            fn_constructor_kwargs=actor_args,
+            batch_size=None,  # one call per shard; the actor chunks it
+            compute=ActorPoolStrategy(size=max(1, min(shards, resources.actors))),
+            num_cpus=resources.cpus_per_actor,
+            num_gpus=gpus,
+        ).iter_batches(batch_size=None, batch_format="numpy")
     moments, consistent, rows, feats = None, [], [], []
-    for out in ds.iter_batches(batch_size=None, batch_format="numpy"):  # streamed: one (D, D) at a time per shard
+    for out in batches:  # streamed: one (D, D) at a time per shard
         for i in range(len(out["n"])):
             m = Moments(int(out["n"][i]), np.asarray(out["mean"][i], np.float64), np.asarray(out["m2"][i], np.float64))
             moments = m if moments is None else moments.merge(m)

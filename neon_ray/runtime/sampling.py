@@ -26,7 +26,7 @@ from ..data.codec import CODECS
 from ..errors import NeonError
 from ..models import ModelSpec
 from ..models.base import SamplerSettings
-from .checkpoints import load_model, set_torch_threads
+from .checkpoints import load_model, run_here, set_torch_threads
 from .cluster import actor_gpus
 from .seeds import balanced_labels, sample_seeds
 
@@ -119,12 +119,17 @@ def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSetting
                 "seed": seed, "stream": stream, "batch_size": g.batch_size, "bf16": g.bf16, **({"first": first} if first else {})}
     todo = _missing_items(dest, identity, items, fresh)
     t0 = time.time()
-    if todo:
+    actor_args = dict(spec=spec, checkpoint=checkpoint, settings=settings, codec=codec, seed=seed, stream=stream, dest=dest,
+                      threads=g.threads_per_actor, use_gpu=gpus > 0, bf16=g.bf16)
+    if len(todo) == 1 and not gpus:
+        # One work item is one call of one actor: sampled here (the same class, the same part file), since a pool
+        # would add only its start-up (a process, torch, the checkpoint).
+        run_here(SamplerActor, actor_args, {"start": np.array([todo[0]["start"]]), "count": np.array([todo[0]["count"]])})
+    elif todo:
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.map_batches(
             SamplerActor,
-            fn_constructor_kwargs=dict(spec=spec, checkpoint=checkpoint, settings=settings, codec=codec, seed=seed, stream=stream,
-                                       dest=dest, threads=g.threads_per_actor, use_gpu=gpus > 0, bf16=g.bf16),
+            fn_constructor_kwargs=actor_args,
             batch_size=1,
             compute=ActorPoolStrategy(size=min(actors or g.actors, len(todo))),
             num_cpus=g.cpus_per_actor,

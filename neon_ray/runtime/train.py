@@ -30,13 +30,21 @@ log = logging.getLogger("neon_ray")
 STATE_FILE = "state.pt"
 
 
-def train_run_config(name: str, storage_uri: str, max_failures: int):
-    """A Ray Train RunConfig whose state lives under `storage_uri` (the stage's folder on the output)."""
+# glibc raises its mmap threshold after each large free, so the memory of a model built whole and then partitioned
+# (ZeRO-3) stays in the heap, resident, for the rest of the run; a fixed threshold hands large blocks back on free.
+# Measured on DiT-XL/2 under ZeRO-3 on 2 CPU workers: 5.5 GB per worker after set-up instead of 8 GB.
+HOST_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+
+
+def train_run_config(name: str, storage_uri: str, max_failures: int, worker_env: dict[str, str] | None = None):
+    """A Ray Train RunConfig whose state lives under `storage_uri` (the stage's folder on the output); `worker_env`:
+    environment variables of the training workers (set when their processes start)."""
     from ray.train import CheckpointConfig, FailureConfig
     from ray.train import RunConfig as TrainRunConfig
 
+    extra = {"worker_runtime_env": {"env_vars": worker_env}} if worker_env else {}
     return TrainRunConfig(name=name, failure_config=FailureConfig(max_failures=max_failures),
-                          checkpoint_config=CheckpointConfig(num_to_keep=2), **ray_storage(storage_uri))
+                          checkpoint_config=CheckpointConfig(num_to_keep=2), **ray_storage(storage_uri), **extra)
 
 
 def fresh_start(storage_uri: str, name: str) -> None:

@@ -51,7 +51,7 @@ def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
     from ray.train.torch import TorchTrainer
 
     from ..runtime.samplesets import read_samples
-    from ..runtime.train import fit, fresh_start, train_run_config
+    from ..runtime.train import HOST_MEMORY_ENV, fit, fresh_start, train_run_config
 
     codec = dataset_of(cfg).codec
     n = read_samples(samples, columns=["index"]).num_rows
@@ -71,7 +71,7 @@ def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
                            "samples": samples, "stage_dir": rec.dir, "plan": p, "use_gpu": use_gpu, "config_hash": ctx.config_hash},
         scaling_config=ScalingConfig(num_workers=f.workers, use_gpu=use_gpu, resources_per_worker={"CPU": f.cpus_per_worker},
                                      placement_strategy=f.placement_strategy),
-        run_config=train_run_config(name, ray_dir, f.max_failures),
+        run_config=train_run_config(name, ray_dir, f.max_failures, worker_env=None if use_gpu else HOST_MEMORY_ENV),
     )
     fit(trainer, "finetune", f.max_failures, out_of_memory=OOM_HINT)
     summary = storage.read_json(storage.join(rec.dir, "train_summary.json"))
@@ -98,15 +98,13 @@ OOM_HINT = ("try finetune.zero_stage: 3 (partitions weights, gradients and optim
 
 
 def check_activation_checkpointing(spec) -> None:
-    """finetune.activation_checkpointing on a network without a checkpointable block stack: say so before any worker starts."""
+    """finetune.activation_checkpointing on a network without a checkpointable block stack: say so before any worker
+    starts (the family's own switch, tried on a meta-device copy that allocates nothing)."""
     from ..runtime.checkpoints import family_for
 
     family = family_for(spec)
     with torch.device("meta"):
-        net = family.build()
-    if not hasattr(net, "activation_checkpointing"):
-        raise NeonError(f"finetune.activation_checkpointing: the {family.name} network {type(net).__name__} ({spec.preset}) "
-                        "has no transformer block stack to checkpoint (DiT and xAR presets do)")
+        family.enable_activation_checkpointing(family.build())
 
 
 def deepspeed_config(f: FinetuneConfig, micro_batch: int) -> dict:
@@ -115,7 +113,14 @@ def deepspeed_config(f: FinetuneConfig, micro_batch: int) -> dict:
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": f.grad_clip,
-        "zero_optimization": {"stage": f.zero_stage, **({"offload_optimizer": {"device": "cpu"}} if f.offload_optimizer else {})},
+        # Buckets and ZeRO-3's gathered set sized for host memory: DeepSpeed's GPU-sized defaults (5e8-element
+        # buckets, 1e9 live parameters) cost a 675M model more per worker than partitioning saves (benchmarks/finetune_memory.py).
+        "zero_optimization": {"stage": f.zero_stage, "reduce_bucket_size": f.zero_bucket_elements, "allgather_bucket_size": f.zero_bucket_elements,
+                              **({"stage3_max_live_parameters": f.zero3_max_live_parameters, "stage3_max_reuse_distance": f.zero3_max_live_parameters,
+                                  "stage3_prefetch_bucket_size": min(f.zero_bucket_elements, f.zero3_max_live_parameters),
+                                  # the optimizer steps through the partition in groups this size (its temporaries too)
+                                  "sub_group_size": f.zero_bucket_elements} if f.zero_stage == 3 else {}),
+                              **({"offload_optimizer": {"device": "cpu"}} if f.offload_optimizer else {})},
         # ZeRO-Offload with our torch AdamW (the same update as without offload) rather than DeepSpeedCPUAdam,
         # which would JIT-compile an op and change the arithmetic
         "zero_force_ds_cpu_optimizer": False,
