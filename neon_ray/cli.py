@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the clean-up short
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if not ray_was_up:
+            _shutdown_ray()  # first: its actors (a sampler mid-write) must not leave a temporary after the clean-up
         _remove_temporaries()
         print("neon-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

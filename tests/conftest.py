@@ -99,20 +99,20 @@ def s3_server():
     server.stop()
 
 
-# Minutes each long test takes alone on the 2-core machine (measured 2026-12-03). `make test` runs two pytest
-# workers (`-n 2 --dist load`), which take tests in collection order: the long ones go first, so that neither
+# Minutes each long test took in `make test` on the 2-core machine (2026-12-04, two pytest workers: 26.7 min in
+# all). The workers take tests in collection order (`-n 2 --dist load`): the long ones go first, so that neither
 # worker is left with a long test at the end while the other idles.
 LONG_TESTS = {
-    "test_families_e2e.py::test_family_runs_end_to_end[dit]": 13,
-    "test_faults.py::": 11,  # it makes the session's undisturbed tiny run first ...
-    "test_zz_job_submit.py::": 9,
-    "test_e2e.py::": 3,  # ... which this one then finds made (it would wait on the lock otherwise)
-    "test_families_e2e.py::": 4,
-    "test_storage_s3.py::": 4,
-    "test_interrupts.py::": 3,
+    "test_faults.py::": 9,  # it makes the session's undisturbed tiny run first ...
+    "test_families_e2e.py::test_family_runs_end_to_end[dit]": 6,
+    "test_zz_job_submit.py::": 5,
+    "test_storage_s3.py::": 3,
     "test_plugins.py::": 3,
-    "test_search.py::test_each_searcher": 2,
-    "test_stages_ray.py::test_zero": 2,
+    "test_families_e2e.py::": 2,
+    "test_interrupts.py::": 2,
+    "test_e2e.py::": 1,  # ... which this one then finds made (it would wait on the lock otherwise)
+    "test_search.py::test_each_searcher": 1,
+    "test_stages_ray.py::test_zero": 1,
 }
 
 
