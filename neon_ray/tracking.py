@@ -240,8 +240,29 @@ class Tracker:
         if self.enabled and run_id is not None:
             self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
+    def find_child(self, parent: str | None, tags: dict[str, str], unfinished: bool = False) -> str | None:
+        """The newest child run of `parent` carrying all of `tags` (only one that did not finish, if asked), or None."""
+        if not self.enabled:
+            return None
+        conditions = [f"tags.`mlflow.parentRunId` = '{parent or self.parent_id}'"]
+        conditions += [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        runs = self.client.search_runs([self.experiment_id], " and ".join(conditions), order_by=["attributes.start_time DESC"])
+        for run in runs:
+            if not unfinished or run.info.status != "FINISHED":
+                return run.info.run_id
+        return None
+
+    def resume_child(self, name: str, parent: str | None, tags: dict[str, str], key: tuple[str, ...]) -> str | None:
+        """The child run whose `key` tags match (reopened), else a new one: an interrupted stage or trial that is
+        resumed keeps logging to the run it started, so a stopped and resubmitted job shows each once."""
+        run = self.find_child(parent, {k: tags[k] for k in key}, unfinished=True)
+        if run is None:
+            return self.start_child(name, parent, tags)
+        self.client.update_run(run, status="RUNNING")
+        return run
+
     def start_stage(self, stage: str, config_hash: str) -> str | None:
-        return self.start_child(stage, tags={"stage": stage, "config_hash": config_hash})
+        return self.resume_child(stage, None, {"stage": stage, "config_hash": config_hash}, key=("stage", "config_hash"))
 
     def finish_stage(self, run_id: str | None, manifest: Manifest) -> None:
         """Params, metrics, loss curve and the manifest of a finished stage, then close its run."""

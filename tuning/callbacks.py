@@ -34,8 +34,14 @@ class MLflowTrials(Callback):
         if trial.trial_id not in self.runs:
             from .spaces import W, describe, overrides_of
 
-            run = tracker.start_child(f"trial {describe(trial.config)}", parent=type(self)._parent_run, tags={"stage": "tune-trial"})
-            tracker.log_params(run, {"w": float(trial.config[W]), **{f"sampler.{k}": v for k, v in overrides_of(trial.config).items()}})
+            # Tune keeps a trial's id through `Tuner.restore`: a resumed trial reopens the run it started.
+            tags = {"stage": "tune-trial", "trial_id": trial.trial_id}
+            run = tracker.find_child(type(self)._parent_run, tags)
+            if run is None:
+                run = tracker.start_child(f"trial {describe(trial.config)}", parent=type(self)._parent_run, tags=tags)
+                tracker.log_params(run, {"w": float(trial.config[W]), **{f"sampler.{k}": v for k, v in overrides_of(trial.config).items()}})
+            else:
+                tracker.client.update_run(run, status="RUNNING")
             self.runs[trial.trial_id] = run
         return self.runs[trial.trial_id]
 
