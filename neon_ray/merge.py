@@ -16,11 +16,10 @@ import os
 import tempfile
 
 import torch
-from safetensors import safe_open
 
 from . import storage
 from .errors import NeonError
-from .models.checkpoint import SafetensorsReader, StreamingSafetensorsWriter
+from .models.checkpoint import DTYPE_NAMES, SafetensorsReader, StreamingSafetensorsWriter
 
 
 def check_w(w: float, allow_negative: bool = False) -> None:
@@ -43,7 +42,7 @@ def neon_tensor(base: torch.Tensor, finetuned: torch.Tensor, w: float) -> torch.
     return (b - w * (finetuned.to(compute) - b)).to(base.dtype)
 
 
-def _mismatches(base, ft) -> list[str]:
+def _mismatches(base: SafetensorsReader, ft: SafetensorsReader) -> list[str]:
     problems = []
     kb, kf = set(base.keys()), set(ft.keys())
     if kb - kf:
@@ -51,11 +50,10 @@ def _mismatches(base, ft) -> list[str]:
     if kf - kb:
         problems.append(f"missing in base: {sorted(kf - kb)[:10]}")
     for key in sorted(kb & kf):
-        sb, sf = base.get_slice(key), ft.get_slice(key)
-        if sb.get_shape() != sf.get_shape():
-            problems.append(f"{key}: shape {sb.get_shape()} vs {sf.get_shape()}")
-        elif sb.get_dtype() != sf.get_dtype():
-            problems.append(f"{key}: dtype {sb.get_dtype()} vs {sf.get_dtype()}")
+        if base.shape(key) != ft.shape(key):
+            problems.append(f"{key}: shape {list(base.shape(key))} vs {list(ft.shape(key))}")
+        elif base.dtype(key) != ft.dtype(key):
+            problems.append(f"{key}: dtype {DTYPE_NAMES[base.dtype(key)]} vs {DTYPE_NAMES[ft.dtype(key)]}")
     return problems
 
 
@@ -65,36 +63,31 @@ def merge_files(base_path: str, finetuned_path: str, out_path: str, w: float, al
         check_w(w, allow_negative)
     except ValueError as exc:
         raise NeonError(f"merge.w: {exc}") from None
+    readers: list[SafetensorsReader] = []
     try:
-        base = safe_open(base_path, framework="pt")
-        ft = safe_open(finetuned_path, framework="pt")
-    except Exception as exc:  # noqa: BLE001
+        for path in (base_path, finetuned_path):
+            readers.append(SafetensorsReader(path))
+    except (OSError, ValueError) as exc:
+        for reader in readers:
+            reader.close()
         raise NeonError(f"unreadable checkpoint for merge ({base_path} / {finetuned_path}): {exc}") from None
+    base, ft = readers
     with base, ft:
         problems = _mismatches(base, ft)
         if problems:
             raise NeonError(f"checkpoints {base_path} and {finetuned_path} do not match: " + "; ".join(problems[:12]))
-        keys = list(base.keys())
-        layout = []
-        for key in keys:
-            t = base.get_slice(key)
-            dtype = getattr(torch, {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-                                    "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}[t.get_dtype()])
-            layout.append((key, dtype, tuple(t.get_shape())))
-        meta = dict(base.metadata() or {})
-        meta["neon_w"] = json.dumps(w)
-        writer = StreamingSafetensorsWriter(out_path, layout, metadata=meta)
+        keys = base.keys()
+        meta = base.metadata() | {"neon_w": json.dumps(w)}
+        writer = StreamingSafetensorsWriter(out_path, [(key, base.dtype(key), base.shape(key)) for key in keys], metadata=meta)
         merged = copied = 0
-        # The tensors themselves through plain reads (safe_open's mapping would keep each read one resident).
         try:
-            with SafetensorsReader(base_path) as base_data, SafetensorsReader(finetuned_path) as ft_data:
-                for key in keys:
-                    b = base_data.get_tensor(key)
-                    if b.is_floating_point() and torch.isfinite(b).all():
-                        merged += 1
-                    else:
-                        copied += 1
-                    writer.write(key, neon_tensor(b, ft_data.get_tensor(key), w))
+            for key in keys:
+                b = base.get_tensor(key)
+                if b.is_floating_point() and torch.isfinite(b).all():
+                    merged += 1
+                else:
+                    copied += 1
+                writer.write(key, neon_tensor(b, ft.get_tensor(key), w))
         finally:
             writer.close()
     return {"merged_tensors": merged, "copied_tensors": copied}

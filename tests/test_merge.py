@@ -98,6 +98,10 @@ def test_streaming_writer_round_trips_every_dtype(tmp_path):
     back = load_file(tmp_path / "x.safetensors")
     for k, v in tensors.items():
         assert back[k].dtype == v.dtype and torch.equal(back[k], v), k
+    from neon_ray.models.checkpoint import SafetensorsReader
+
+    with SafetensorsReader(str(tmp_path / "x.safetensors")) as reader:  # the merge reads what the writer wrote
+        assert all(torch.equal(reader.get_tensor(k), v) for k, v in tensors.items())
 
 
 def test_plain_read_reader_round_trips_every_dtype(tmp_path):
@@ -112,3 +116,30 @@ def test_plain_read_reader_round_trips_every_dtype(tmp_path):
         for k, v in tensors.items():
             got = reader.get_tensor(k)
             assert got.dtype == v.dtype and got.shape == v.shape and torch.equal(got, v), k
+        assert sorted(reader.keys()) == sorted(tensors) and reader.metadata() == {"k": "v"}
+        assert reader.shape("u8") == (2, 3) and reader.dtype("bf16") == torch.bfloat16
+
+
+@pytest.mark.parametrize("content", [b"\x00\x01not a checkpoint", b"", (10**9).to_bytes(8, "little") + b"{}",
+                                     (2).to_bytes(8, "little") + b"[]", (40).to_bytes(8, "little") + b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'])
+def test_unreadable_inputs_are_one_line_errors_and_write_nothing(tmp_path, content):
+    """Garbage, an empty file, a header longer than the file, a header that is no object, offsets past the end."""
+    _pair(tmp_path)
+    (tmp_path / "bad.safetensors").write_bytes(content)
+    for pair in (("bad", "ft"), ("base", "bad")):
+        paths = [str(tmp_path / f"{name}.safetensors") for name in pair]
+        with pytest.raises(NeonError, match="unreadable checkpoint for merge") as err:
+            merge_files(*paths, str(tmp_path / "o.safetensors"), 1.0)
+        assert "\n" not in str(err.value) and "bad.safetensors" in str(err.value)
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_merge_keeps_the_base_metadata_and_records_w(tmp_path):
+    save_file({"w": torch.ones(3)}, str(tmp_path / "base.safetensors"), metadata={"family": "dit", "preset": "DiT-XL/2"})
+    save_file({"w": torch.zeros(3)}, str(tmp_path / "ft.safetensors"))
+    merge_files(str(tmp_path / "base.safetensors"), str(tmp_path / "ft.safetensors"), str(tmp_path / "o.safetensors"), 0.5)
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "o.safetensors"), framework="pt") as fh:
+        assert fh.metadata() == {"family": "dit", "preset": "DiT-XL/2", "neon_w": "0.5"}
+        torch.testing.assert_close(fh.get_tensor("w"), torch.full((3,), 1.5))

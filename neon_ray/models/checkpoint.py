@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import pickle
 import struct
@@ -21,10 +22,11 @@ from .. import storage
 from ..errors import NeonError
 from .base import ModelSpec
 
-_DTYPE_NAMES = {
+DTYPE_NAMES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
 }
+DTYPES_BY_NAME = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
 @contextlib.contextmanager
@@ -139,7 +141,7 @@ class StreamingSafetensorsWriter:
         offset = 0
         for name, dtype, shape in layout:
             nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             self._order.append(name)
             self._expected[name] = (dtype, tuple(shape))
             offset += nbytes
@@ -169,16 +171,56 @@ class SafetensorsReader:
 
     safe_open maps the whole file: every tensor read stays counted in the process's resident memory until the
     file is closed, so streaming two 675M-parameter files through it peaks at gigabytes (benchmarks/
-    finetune_memory.py). Here a tensor's memory is freed with the tensor.
+    finetune_memory.py). Here a tensor's memory is freed with the tensor. The header is checked when the file
+    is opened (ValueError names what is wrong), so a reader that opened can read every tensor it lists.
     """
 
     def __init__(self, path: str):
         self._fh = open(path, "rb")
-        (length,) = struct.unpack("<Q", self._fh.read(8))
-        header = json.loads(self._fh.read(length))
-        header.pop("__metadata__", None)
-        self._start, self._header = 8 + length, header
-        self._dtypes = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+        try:
+            self._start, self._header, self._metadata = self._read_header(path)
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def _read_header(self, path: str) -> tuple[int, dict, dict]:
+        size = os.fstat(self._fh.fileno()).st_size
+        prefix = self._fh.read(8)
+        if len(prefix) < 8:
+            raise ValueError(f"{path}: {size} bytes, too short for a safetensors header")
+        (length,) = struct.unpack("<Q", prefix)
+        if length > size - 8:
+            raise ValueError(f"{path}: header length {length} exceeds the file ({size} bytes): not a safetensors file")
+        try:
+            header = json.loads(self._fh.read(length))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ValueError(f"{path}: header is not JSON ({exc}): not a safetensors file") from None
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: header is not a JSON object: not a safetensors file")
+        metadata = header.pop("__metadata__", None) or {}
+        data_bytes = size - 8 - length
+        for key, info in header.items():
+            if not isinstance(info, dict) or info.get("dtype") not in DTYPES_BY_NAME:
+                raise ValueError(f"{path}: tensor {key!r} has no supported dtype ({info.get('dtype') if isinstance(info, dict) else info!r})")
+            begin, end = info.get("data_offsets", (None, None))
+            expected = math.prod(info["shape"]) * DTYPES_BY_NAME[info["dtype"]].itemsize
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_bytes and end - begin == expected):
+                raise ValueError(f"{path}: tensor {key!r} has data offsets {info.get('data_offsets')} that do not fit its "
+                                 f"shape {info['shape']} or the file")
+        return 8 + length, header, dict(metadata)
+
+    def keys(self) -> list[str]:
+        """Tensor names in the file's order."""
+        return list(self._header)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES_BY_NAME[self._header[key]["dtype"]]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._metadata)
 
     def get_tensor(self, key: str) -> torch.Tensor:
         info = self._header[key]
@@ -186,7 +228,7 @@ class SafetensorsReader:
         buf = bytearray(end - begin)
         self._fh.seek(self._start + begin)
         self._fh.readinto(buf)
-        dtype = self._dtypes[info["dtype"]]
+        dtype = DTYPES_BY_NAME[info["dtype"]]
         if end == begin:
             return torch.empty(info["shape"], dtype=dtype)
         flat = torch.frombuffer(buf, dtype=torch.uint8)
