@@ -105,7 +105,7 @@ def s3_server():
 LONG_TESTS = {
     "test_faults.py::": 9,  # it makes the session's undisturbed tiny run first ...
     "test_families_e2e.py::test_family_runs_end_to_end[dit]": 6,
-    "test_zz_job_submit.py::": 5,
+    "test_zz_job_submit.py::": 8,  # two tests on one cluster (one xdist group): 5 + 3 minutes
     "test_storage_s3.py::": 3,
     "test_plugins.py::": 3,
     "test_families_e2e.py::": 2,

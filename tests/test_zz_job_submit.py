@@ -8,7 +8,8 @@ whose only interface is loopback; there Ray finds no other address. Checked: the
 interface but `lo`, and every socket Ray listens on is bound to a loopback address; a tiny pipeline
 submitted with the documented command finishes after `ray job stop` mid-tune and a resubmission
 (nothing half-written in between, finished work reused); sampling actors and Ray Train workers (asked to
-SPREAD) ran on both nodes, per Ray's state API. (A node-loss drill is still to come: issue 10.)
+SPREAD) ran on both nodes, per Ray's state API. Then the node-loss drill: the worker node is killed while its
+sampling actors sample S, and the job finishes on the head alone with every sample index written once.
 """
 
 from __future__ import annotations
@@ -31,6 +32,8 @@ from _support import ROOT, cli_env
 from test_e2e import check_mlflow
 
 RAY = str(Path(sys.executable).with_name("ray"))
+# One pytest worker runs this module's tests in order on its one cluster (the node-loss drill comes last).
+pytestmark = pytest.mark.xdist_group("two-node-cluster")
 NETNS: list[str] = []  # ["ip", "netns", "exec", <name>]: every cluster command runs inside the namespace
 
 
@@ -147,8 +150,9 @@ def _job_id(job: subprocess.CompletedProcess) -> str:
 
 
 def _job_status(cluster: dict, job_id: str) -> str:
-    return subprocess.run(_in_netns(RAY, "job", "status", f"--address={cluster['api']}", job_id),
-                          capture_output=True, text=True, env=cluster["env"], timeout=60).stdout
+    out = subprocess.run(_in_netns(RAY, "job", "status", f"--address={cluster['api']}", job_id),
+                         capture_output=True, text=True, env=cluster["env"], timeout=60)
+    return out.stdout + out.stderr
 
 
 def _job_logs(cluster: dict, job_id: str) -> str:
@@ -183,3 +187,39 @@ def test_loopback_only_job_stop_resubmit_and_spread(cluster, tmp_path):
     actors = _state(env, api, "actors")
     nodes_of = lambda name: {a["node_id"] for a in actors if name in a["class_name"] and a["node_id"]}  # noqa: E731 (a never-placed actor has none)
     assert len(nodes_of("SamplerActor")) == 2 and len(nodes_of("RayTrainWorker")) == 2, (nodes_of("SamplerActor"), nodes_of("RayTrainWorker"))
+
+
+@pytest.mark.slow
+def test_losing_a_worker_node_mid_generate_the_job_finishes_on_the_head(cluster, tmp_path):
+    """Node-loss drill: every process of the worker node is killed (SIGKILL) while its sampling actors are sampling
+    S; the job finishes on the head node alone, S holds every sample index exactly once, and the rest of the
+    pipeline runs there. (Runs after the spread test: afterwards the module's cluster has one node left.)"""
+    import pyarrow.dataset as pads
+
+    env, api, dash = cluster["env"], cluster["api"], cluster["dash"]
+    out = tmp_path / "node-loss"
+    n, items = 1200, 120  # generate.batch_size 10: 120 work items, ~1 min of sampling on the two nodes
+    run = ["python", "jobs/neon_job.py", "jobs/configs/tiny.yaml", "--output", str(out), "--set", f"generate.num_samples={n}",
+           "--set", "generate.actors=4", "--set", "sampler.steps=20", "--set", "tune.w_grid=[1.0]"]
+    worker_node = next(n["node_id"] for n in _state(env, api, "nodes") if not n["is_head_node"] and n["state"] == "ALIVE")
+    job_id = _job_id(_submit(env, dash, *run, wait=False))
+    samples = out / "generate" / "samples"
+    # First a sampling actor alive on the worker node (the pool starts its actors before any item is done),
+    # then the first finished part: the kill lands while the worker's actors are sampling.
+    _wait_for(lambda: any("SamplerActor" in a["class_name"] and a["node_id"] == worker_node and a["state"] == "ALIVE"
+                          for a in _state(env, api, "actors")), 900, "a sampling actor on the worker node")
+    _wait_for(lambda: any(samples.glob("part-*.parquet")), 300, "the first finished work item")
+    written = len(list(samples.glob("part-*.parquet")))
+    _kill_cluster(cluster["worker_dir"])  # the whole node: raylet, object store, its actors
+    assert written < items // 2 and not (out / "generate" / "manifest.json").exists(), f"{written} of {items} parts were done before the kill"
+
+    _wait_for(lambda: any(s in _job_status(cluster, job_id).upper() for s in ("SUCCEEDED", "FAILED", "STOPPED")), 1500, "the job to end")
+    status, logs = _job_status(cluster, job_id), _job_logs(cluster, job_id)
+    assert "SUCCEEDED" in status.upper(), status + logs[-4000:]
+    assert "sampled 1200 images" in logs, logs[-4000:]
+    nodes = {n["node_id"]: n["state"] for n in _state(env, api, "nodes")}
+    assert nodes[worker_node] == "DEAD", nodes
+    index = pads.dataset(str(samples), format="parquet").to_table(columns=["index"]).column("index").to_pylist()
+    assert sorted(index) == list(range(n)), "every sample index exactly once"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_synthetic"] == n and {"fid_base", "fid_neon"} <= set(summary)
