@@ -1,14 +1,16 @@
 """What each searcher costs against the full grid, on the quickstart base, side by side in one run.
 
-    python benchmarks/search_cost.py [--out outputs/search_cost] [--set key=value ...]
+    python benchmarks/search_cost.py [--out outputs/search_cost] [--n 1000] [--final-seeds 0] [--set key=value ...]
 
 One output holds generate + finetune (+ evaluate) of `jobs/configs/quickstart.yaml`; each search then runs
 `neon-ray tune` on its own copy of that output (outputs are relocatable), so every search scores the same
-θ_base and θ_ft with the same evaluation seeds. Searches: the full grid (9 w × 4 γ, one rung at the full n),
-the same grid under ASHA with rungs, Optuna's TPE and the bracket searcher (both with rungs). Prints per
-search: trials, images sampled + scored (the cost unit), wall seconds, the pick (w, γ) and its FID rescored
-at the full n on `tune.final_seeds` fresh seed sets, with the real-vs-real floor. The target: one searcher's
-rescored FID within the floor of the grid's at ≤ 25% of the grid's images.
+θ_base and θ_ft with the same evaluation seeds (common random numbers: a (w, γ) scores the same FID in every
+search at the same n). Searches: the full grid (6 w × 3 γ, one rung at the full n), the same grid under ASHA
+with rungs n/4 → n/2 → n, Optuna's TPE and the bracket searcher (both with rungs). Prints per search: trials,
+images sampled + scored (the cost unit), wall seconds, the Neon pick (w, γ) and its FID at the full n, the base
+at its own best γ, and the real-vs-real floor at n. `--final-seeds K` also rescores each pick on K fresh seed
+sets (6·K·n more images per search). The target: one searcher's pick within the floor of the grid's at ≤ 25%
+of the grid's images.
 """
 
 from __future__ import annotations
@@ -23,18 +25,20 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "jobs" / "configs" / "quickstart.yaml"
-W_GRID = "[0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0, 1.25]"
-GAMMAS = "[1.5, 2.0, 2.5, 3.0]"
-SEARCHES = {
-    "grid (full n)": ["tune.search=grid", f"tune.space={{w: {{choice: {W_GRID}}}, guidance: {{choice: {GAMMAS}}}}}", "tune.rungs=[]",
-                      "tune.scheduler=fifo"],
-    "grid + ASHA": ["tune.search=grid", f"tune.space={{w: {{choice: {W_GRID}}}, guidance: {{choice: {GAMMAS}}}}}",
-                    "tune.rungs=[500, 1000, 2000]", "tune.scheduler=asha"],
-    "optuna + ASHA": ["tune.search=optuna", "tune.num_trials=16", f"tune.space={{w: {{low: 0.1, high: 1.25}}, guidance: {{choice: {GAMMAS}}}}}",
-                      "tune.rungs=[500, 1000, 2000]", "tune.scheduler=asha"],
-    "bracket": ["tune.search=bracket", "tune.bracket_steps=4", f"tune.space={{w: {{low: 0.1, high: 1.25}}, guidance: {{choice: {GAMMAS}}}}}",
-                "tune.rungs=[500, 2000]", "tune.scheduler=fifo"],
-}
+W_GRID = "[0.25, 0.5, 0.75, 1.0, 1.25, 1.5]"
+GAMMAS = "[1.5, 2.0, 3.0]"
+
+
+def searches(n: int) -> dict[str, list[str]]:
+    grid = f"tune.space={{w: {{choice: {W_GRID}}}, guidance: {{choice: {GAMMAS}}}}}"
+    ranged = f"tune.space={{w: {{low: 0.1, high: 1.5}}, guidance: {{choice: {GAMMAS}}}}}"
+    rungs = f"tune.rungs=[{n // 4}, {n // 2}, {n}]"
+    return {
+        "grid (full n)": ["tune.search=grid", grid, "tune.rungs=[]", "tune.scheduler=fifo"],
+        "grid + ASHA": ["tune.search=grid", grid, rungs, "tune.scheduler=asha"],
+        "optuna + ASHA": ["tune.search=optuna", "tune.num_trials=12", ranged, rungs, "tune.scheduler=asha"],
+        "bracket": ["tune.search=bracket", "tune.bracket_steps=4", ranged, f"tune.rungs=[{n // 4}, {n}]", "tune.scheduler=fifo"],
+    }
 
 
 def neon_ray(*args: str) -> subprocess.CompletedProcess:
@@ -52,16 +56,18 @@ def sets(overrides: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/search_cost")
+    parser.add_argument("--n", type=int, default=1000, help="the full n (evaluate.num_samples); rungs are n/4, n/2, n")
+    parser.add_argument("--final-seeds", type=int, default=0, help="rescore each pick on this many fresh seed sets")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="overrides for every run (key=value)")
     parser.add_argument("--only", action="append", default=[], help="run only these searches (by name)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    common = sets(["evaluate.num_samples=2000", "tune.final_seeds=3", "mlflow.enabled=false", *args.extra])
+    common = sets([f"evaluate.num_samples={args.n}", f"tune.final_seeds={args.final_seeds}", "mlflow.enabled=false", *args.extra])
     shared = out / "shared"
     for stage in ("generate", "finetune", "evaluate"):
         neon_ray(stage, str(CONFIG), "--output", str(shared), *common)
     rows = []
-    for name, overrides in SEARCHES.items():
+    for name, overrides in searches(args.n).items():
         if args.only and name not in args.only:
             continue
         where = out / name.replace(" ", "_").replace("+", "").replace("(", "").replace(")", "")
@@ -72,17 +78,24 @@ def main() -> None:
         neon_ray("tune", str(CONFIG), "--output", str(where), *common, *sets(overrides))
         wall = time.time() - t0
         m = json.loads((where / "tune" / "manifest.json").read_text())["metrics"]
-        final = m["final"]
-        rows.append({"search": name, "trials": len(m["trials"]), "images": m["images_scored"], "seconds": wall,
-                     "w": m["best_w"], "sampler": m["best_sampler"], "fid": final["neon"]["fid_mean"], "sd": final["neon"]["fid_sd"],
-                     "base": final["base"]["fid_mean"], "base_sampler": final["base"]["sampler"], "floor": final["neon"]["fid_floor"]})
+        base, final = m["best_base"], m["final"]
+        row = {"search": name, "trials": len(m["trials"]), "images": m["images_scored"], "seconds": wall, "w": m["best_w"],
+               "gamma": m["best_sampler"].get("guidance"), "fid": m["best_fid"], "n": m["best_n"],
+               "base": base["fid"], "base_gamma": base["sampler"].get("guidance"), "floor": base["fid_floor"]}
+        if final:
+            row["rescored"] = f"{final['neon']['fid_mean']:.3f} ± {final['neon']['fid_sd']:.3f} vs base {final['base']['fid_mean']:.3f} ± {final['base']['fid_sd']:.3f}"
+        rows.append(row)
     grid = next((r for r in rows if r["search"] == "grid (full n)"), None)
-    print("| search | trials | images sampled + scored | % of grid | wall s | pick (w, γ) | Neon FID (rescored) | base FID at its best γ | floor |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    rescored = any("rescored" in r for r in rows)
+    print(f"n = {args.n}; FIDs at the full n on the shared evaluation seeds" + (f"; rescored on {args.final_seeds} fresh seed sets" if rescored else ""))
+    print("| search | trials | images sampled + scored | % of grid | wall s | Neon pick (w, γ) | its FID at n | base at its best γ | floor at n |"
+          + (" rescored |" if rescored else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|" if rescored else ""))
     for r in rows:
         share = f"{100 * r['images'] / grid['images']:.0f}%" if grid else "n/a"
-        print(f"| {r['search']} | {r['trials']} | {r['images']:,} | {share} | {r['seconds']:.0f} | {r['w']:.3g}, {r['sampler']} | "
-              f"{r['fid']:.3f} ± {r['sd']:.3f} | {r['base']:.3f} ({r['base_sampler']}) | {r['floor']:.3f} |")
+        within = f" ({'within' if abs(r['fid'] - grid['fid']) <= r['floor'] else 'outside'} the floor of the grid's)" if grid and r is not grid else ""
+        print(f"| {r['search']} | {r['trials']} | {r['images']:,} | {share} | {r['seconds']:.0f} | {r['w']:.3g}, {r['gamma']} | "
+              f"{r['fid']:.3f}{within} | {r['base']:.3f} (γ {r['base_gamma']}) | {r['floor']:.3f} |" + (f" {r.get('rescored', '')} |" if rescored else ""))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ def test_generated_images_identical_with_1_and_2_actors(ray_local, tmp_path, tin
         assert t1.column(col).to_pylist() == t2.column(col).to_pylist(), col
     assert t1.column("label").to_pylist()[:11] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 0]
     assert len(set(t1.column("png").to_pylist())) == 15  # different seeds, different images
-    # A single work item is sampled in this process (no pool): the same part as the pool's first item, and this
+    # A single work item is sampled in this process (no pool, the two actors' threads): the same part as the pool's first item, and this
     # process's torch thread setting is left as it was.
     threads = torch.get_num_threads()
     here = sample_to_parquet(*args[:4], 5, *args[5:], str(tmp_path / "here"), cfg.generate, actors=2)

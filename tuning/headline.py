@@ -120,9 +120,10 @@ def in_second_space(cfg: RunConfig, final: dict, tune_dir: str) -> dict | None:
     for sset, what in parts.values():
         if sset is None or sset.n < n:
             raise NeonError(f"tune.headline_samples: {n} exceeds {what} ({0 if sset is None else sset.n} samples)")
-    # One feature pass over the four sets (one actor-pool start-up), split back by row.
+    # One feature pass over the four sets (one actor-pool start-up), split back by row; two shards per actor so
+    # that the slow extractor keeps every actor busy to the end whatever evaluate.feature_batch_size is.
     joined = concat_sets([sset for sset, _ in parts.values()], "second-space headline")
-    feats = features_of(other, joined, keep_cap=joined.n).features
+    feats = features_of(other, joined, keep_cap=joined.n, num_shards=min(joined.n, 2 * ev.actors)).features
     stats = {key: Statistics.from_moments(Moments.of(feats[i * n:(i + 1) * n]), space) for i, key in enumerate(parts)}
     fids = {key: frechet_distance(stats[key], stats["reference"]) for key in ("floor", "base", "neon")}
     floor = fids["floor"]

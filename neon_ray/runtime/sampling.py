@@ -14,6 +14,7 @@ says what the parts are samples of, so parts of another checkpoint or sampler ar
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -123,8 +124,10 @@ def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSetting
                       threads=g.threads_per_actor, use_gpu=gpus > 0, bf16=g.bf16)
     if len(todo) == 1 and not gpus:
         # One work item is one call of one actor: sampled here (the same class, the same part file), since a pool
-        # would add only its start-up (a process, torch, the checkpoint).
-        run_here(SamplerActor, actor_args, {"start": np.array([todo[0]["start"]]), "count": np.array([todo[0]["count"]])})
+        # would add only its start-up (a process, torch, the checkpoint). It gets the threads the pool's actors
+        # would have had (the samples do not depend on the thread count: tests/test_stages_ray.py).
+        threads = min(os.cpu_count() or 1, g.threads_per_actor * (actors or g.actors))
+        run_here(SamplerActor, actor_args | {"threads": threads}, {"start": np.array([todo[0]["start"]]), "count": np.array([todo[0]["count"]])})
     elif todo:
         ds = ray.data.from_items(todo, override_num_blocks=len(todo))
         ds = ds.map_batches(
