@@ -57,7 +57,10 @@ def run_search(cfg: RunConfig, base: str, finetuned: str, tune_dir: str, trial_h
                 trainable,
                 param_space=space,
                 tune_config=tune.TuneConfig(metric="fid", mode="min", max_concurrent_trials=t.max_concurrent_trials,
-                                            search_alg=search_alg, scheduler=make_scheduler(cfg), num_samples=num_samples),
+                                            search_alg=search_alg, scheduler=make_scheduler(cfg), num_samples=num_samples,
+                                            # one trial process for trial after trial: no process, torch and
+                                            # neon_ray start-up per trial (seconds each, most of a small rung)
+                                            reuse_actors=True),
                 run_config=tune.RunConfig(name=name, verbose=0, callbacks=[MLflowTrials()],
                                           failure_config=tune.FailureConfig(max_failures=t.max_failures), **where),
             )

@@ -32,8 +32,11 @@ STATE_FILE = "state.pt"
 
 # glibc raises its mmap threshold after each large free, so the memory of a model built whole and then partitioned
 # (ZeRO-3) stays in the heap, resident, for the rest of the run; a fixed threshold hands large blocks back on free.
-# Measured on DiT-XL/2 under ZeRO-3 on 2 CPU workers: 5.5 GB per worker after set-up instead of 8 GB.
-HOST_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
+# Measured on DiT-XL/2 under ZeRO-3 on 2 CPU workers: 5.5 GB per worker after set-up instead of 8 GB. 4 MiB, not
+# lower: every tensor of a large model's weights is above it, while a small model's activations stay in the heap
+# (at 128 KiB each step mmapped and faulted them in anew: the quickstart's fine-tune ran 2.4× slower).
+# `python benchmarks/host_allocator.py` measures both sides.
+HOST_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 20)}
 
 
 def train_run_config(name: str, storage_uri: str, max_failures: int, worker_env: dict[str, str] | None = None):
