@@ -10,6 +10,7 @@ not through safetensors' file mapping, which would keep every tensor read reside
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -63,16 +64,11 @@ def merge_files(base_path: str, finetuned_path: str, out_path: str, w: float, al
         check_w(w, allow_negative)
     except ValueError as exc:
         raise NeonError(f"merge.w: {exc}") from None
-    readers: list[SafetensorsReader] = []
-    try:
-        for path in (base_path, finetuned_path):
-            readers.append(SafetensorsReader(path))
-    except (OSError, ValueError) as exc:
-        for reader in readers:
-            reader.close()
-        raise NeonError(f"unreadable checkpoint for merge ({base_path} / {finetuned_path}): {exc}") from None
-    base, ft = readers
-    with base, ft:
+    with contextlib.ExitStack() as open_files:
+        try:
+            base, ft = (open_files.enter_context(SafetensorsReader(path)) for path in (base_path, finetuned_path))
+        except (OSError, ValueError) as exc:
+            raise NeonError(f"unreadable checkpoint for merge ({base_path} / {finetuned_path}): {exc}") from None
         problems = _mismatches(base, ft)
         if problems:
             raise NeonError(f"checkpoints {base_path} and {finetuned_path} do not match: " + "; ".join(problems[:12]))

@@ -120,10 +120,18 @@ def test_plain_read_reader_round_trips_every_dtype(tmp_path):
         assert reader.shape("u8") == (2, 3) and reader.dtype("bf16") == torch.bfloat16
 
 
+def _header_only(header: bytes, data: bytes = b"") -> bytes:
+    return len(header).to_bytes(8, "little") + header + data
+
+
 @pytest.mark.parametrize("content", [b"\x00\x01not a checkpoint", b"", (10**9).to_bytes(8, "little") + b"{}",
-                                     (2).to_bytes(8, "little") + b"[]", (40).to_bytes(8, "little") + b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'])
+                                     _header_only(b"[]"), _header_only(b'{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}'),
+                                     _header_only(b'{"a":{"dtype":"F32","data_offsets":[0,4]}}', bytes(4)),
+                                     _header_only(b'{"a":{"dtype":"F32","shape":"4","data_offsets":[0,4]}}', bytes(4)),
+                                     _header_only(b'{"a":{"dtype":"F32","shape":[-1,-4],"data_offsets":[0,16]}}', bytes(16))])
 def test_unreadable_inputs_are_one_line_errors_and_write_nothing(tmp_path, content):
-    """Garbage, an empty file, a header longer than the file, a header that is no object, offsets past the end."""
+    """Garbage, an empty file, a header longer than the file, a header that is no object, offsets past the end,
+    a tensor without a shape, a shape that is not a list, negative dimensions."""
     _pair(tmp_path)
     (tmp_path / "bad.safetensors").write_bytes(content)
     for pair in (("bad", "ft"), ("base", "bad")):

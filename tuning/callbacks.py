@@ -34,14 +34,11 @@ class MLflowTrials(Callback):
         if trial.trial_id not in self.runs:
             from .spaces import W, describe, overrides_of
 
-            # Tune keeps a trial's id through `Tuner.restore`: a resumed trial reopens the run it started.
+            # Tune keeps a trial's id through `Tuner.restore`: a resumed trial reopens the run it started
+            # (its params logged again with the same values, which MLflow accepts).
             tags = {"stage": "tune-trial", "trial_id": trial.trial_id}
-            run = tracker.find_child(type(self)._parent_run, tags)
-            if run is None:
-                run = tracker.start_child(f"trial {describe(trial.config)}", parent=type(self)._parent_run, tags=tags)
-                tracker.log_params(run, {"w": float(trial.config[W]), **{f"sampler.{k}": v for k, v in overrides_of(trial.config).items()}})
-            else:
-                tracker.client.update_run(run, status="RUNNING")
+            run = tracker.resume_child(f"trial {describe(trial.config)}", type(self)._parent_run, tags, key=("stage", "trial_id"))
+            tracker.log_params(run, {"w": float(trial.config[W]), **{f"sampler.{k}": v for k, v in overrides_of(trial.config).items()}})
             self.runs[trial.trial_id] = run
         return self.runs[trial.trial_id]
 

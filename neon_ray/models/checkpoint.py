@@ -202,6 +202,9 @@ class SafetensorsReader:
         for key, info in header.items():
             if not isinstance(info, dict) or info.get("dtype") not in DTYPES_BY_NAME:
                 raise ValueError(f"{path}: tensor {key!r} has no supported dtype ({info.get('dtype') if isinstance(info, dict) else info!r})")
+            shape = info.get("shape")
+            if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+                raise ValueError(f"{path}: tensor {key!r} has shape {shape!r}, not a list of non-negative integers")
             begin, end = info.get("data_offsets", (None, None))
             expected = math.prod(info["shape"]) * DTYPES_BY_NAME[info["dtype"]].itemsize
             if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_bytes and end - begin == expected):
