@@ -62,7 +62,9 @@ def main() -> None:
     parser.add_argument("--only", action="append", default=[], help="run only these searches (by name)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
-    common = sets([f"evaluate.num_samples={args.n}", f"tune.final_seeds={args.final_seeds}", "mlflow.enabled=false", *args.extra])
+    # The searches' costs only: no second-space headline (it rescores the rescoring sets, when there are any).
+    common = sets([f"evaluate.num_samples={args.n}", f"tune.final_seeds={args.final_seeds}", "tune.headline_extractor=null",
+                   "mlflow.enabled=false", *args.extra])
     shared = out / "shared"
     for stage in ("generate", "finetune", "evaluate"):
         neon_ray(stage, str(CONFIG), "--output", str(shared), *common)

@@ -3,6 +3,7 @@ be used, a worker group that fails more often than allowed. One line each; nothi
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -72,6 +73,37 @@ def test_ray_address_that_does_not_answer_is_one_line_within_the_timeout(tmp_pat
                         "--set", f"ray.address={address}", "--set", "ray.connect_timeout_s=3", "--set", "mlflow.enabled=false")
     _assert_one_line_error(proc, "ray.address", address, "nothing answers")
     assert time.time() - t0 < 30
+
+
+@pytest.mark.slow
+def test_a_search_stopped_after_some_trials_reruns_only_the_rest(tmp_path, undisturbed_tiny_run):
+    """SIGTERM once a few trials of a widened search have scored; the same command again resumes Tune's experiment
+    (Tuner.restore from the output) and scores only the trials that had not finished."""
+    import shutil
+
+    done, _, sets = undisturbed_tiny_run
+    out = tmp_path / "o"
+    shutil.copytree(done, out, symlinks=True)  # generate and finetune as they are: only the search runs
+    grid = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0]  # 0.5 and 1.0 were scored by the undisturbed run
+    args = ("tune", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)],
+            "--set", f"tune.w_grid={grid}", "--set", "mlflow.enabled=false")
+    results = lambda: {p.parent.name: p.stat().st_mtime_ns for p in (out / "tune" / "trials").glob("*/result.json")}  # noqa: E731
+    before = results()
+    proc = _popen(*args)
+    _wait_for(lambda: len(results()) >= len(before) + 2, 600, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    scored = results()
+    assert len(scored) < len(grid) and not (out / "tune" / "manifest.json").exists(), f"the search ended before the stop: {scored}"
+    again = neon_ray_cli(*args, timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "tune: resuming the search" in again.stdout + again.stderr
+    final = results()
+    assert sorted(final) == sorted(f"w={w:.6g}" for w in grid)
+    assert all(final[name] == mtime for name, mtime in scored.items()), "a trial scored before the stop was scored again"
+    trials = json.loads((out / "tune" / "manifest.json").read_text())["metrics"]["trials"]
+    assert sorted(t["w"] for t in trials) == grid
 
 
 @pytest.mark.slow
