@@ -10,7 +10,7 @@ DeepSpeed config (stages/finetune.py `deepspeed_config`) and its fp32 gather (`g
 - zero0: 1 worker holding a full replica (two 675M replicas with fp32 Adam, ~11 GB each, do not fit in 24 GiB);
 - zero2, zero3, zero3+offload: 2 workers, the global batch split between them.
 Workers get 2 / workers torch threads each, so every row uses the same two cores, and the finetune stage's
-worker environment (runtime/train.py HOST_MEMORY_ENV) and DeepSpeed bucket sizes. A configuration whose workers
+worker environment (runtime/train.py host_memory_env) and DeepSpeed bucket sizes. A configuration whose workers
 do not fit (Ray's memory monitor stops them) prints a "did not run" row and the script goes on.
 
 The loss is a fixed regression of the network's output onto targets drawn per row from (seed, step, row)
@@ -125,9 +125,13 @@ def run_config(model: str, name: str, args, work: str) -> list[dict]:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from neon_ray.runtime.train import HOST_MEMORY_ENV
+    from neon_ray.models import ModelSpec
+    from neon_ray.runtime.train import host_memory_env
+    from neon_ray.stages.finetune import parameter_count
 
     zero, offload, workers = CONFIGS[name]
+    family_name, shape, classes = SPECS[model]
+    parameters = parameter_count(ModelSpec(family_name, model, shape, classes))
     out = tempfile.mkdtemp(prefix=f"{name}-", dir=work)
     slug = model.replace("/", "")
     cfg = {"model": model, "zero": zero, "offload": offload, "batch": args.batch, "steps": args.steps, "out": out,
@@ -136,7 +140,7 @@ def run_config(model: str, name: str, args, work: str) -> list[dict]:
     trainer = TorchTrainer(train_loop, train_loop_config=cfg,
                            scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 0.5}),
                            run_config=RunConfig(name=f"mem-{slug}-{name}", storage_path=os.path.join(work, "ray"),
-                                                worker_runtime_env={"env_vars": HOST_MEMORY_ENV}))  # as the finetune stage's workers
+                                                worker_runtime_env={"env_vars": host_memory_env(parameters)}))  # as the finetune stage's workers
     trainer.fit()
     return [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out))]
 

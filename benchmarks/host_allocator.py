@@ -1,5 +1,5 @@
-"""The CPU training workers' glibc settings (runtime/train.py HOST_MEMORY_ENV), against glibc's default and a
-lower threshold, side by side in one run:
+"""The CPU training workers' glibc settings (runtime/train.py host_memory_env: 128 KiB for models of
+≥ 100M parameters, 4 MiB for smaller ones), against glibc's default, side by side in one run:
 
     python benchmarks/host_allocator.py [--steps 20] [--large-preset DiT-XL/2]
 
@@ -66,10 +66,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--large-preset", default="DiT-XL/2")
     args = parser.parse_args()
-    from neon_ray.runtime.train import HOST_MEMORY_ENV
+    from neon_ray.runtime.train import LARGE_MODEL_PARAMETERS, host_memory_env
 
-    low = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
-    settings = {"glibc default": {}, "fixed 128 KiB": low, f"product ({int(HOST_MEMORY_ENV['MALLOC_MMAP_THRESHOLD_']) >> 10} KiB)": HOST_MEMORY_ENV}
+    settings = {"glibc default": {}, "large models: 128 KiB": host_memory_env(LARGE_MODEL_PARAMETERS),
+                "small models: 4 MiB": host_memory_env(0)}
     print(f"| worker setting | U-Net training img/s (1 thread) | {args.large_preset}: RSS built whole (MB) | after partitioning (MB) |")
     print("|---|---|---|---|")
     for name, env in settings.items():

@@ -32,11 +32,20 @@ STATE_FILE = "state.pt"
 
 # glibc raises its mmap threshold after each large free, so the memory of a model built whole and then partitioned
 # (ZeRO-3) stays in the heap, resident, for the rest of the run; a fixed threshold hands large blocks back on free.
-# Measured on DiT-XL/2 under ZeRO-3 on 2 CPU workers: 5.5 GB per worker after set-up instead of 8 GB. 4 MiB, not
-# lower: every tensor of a large model's weights is above it, while a small model's activations stay in the heap
-# (at 128 KiB each step mmapped and faulted them in anew: the quickstart's fine-tune ran 2.4× slower).
-# `python benchmarks/host_allocator.py` measures both sides.
-HOST_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": str(4 << 20), "MALLOC_TRIM_THRESHOLD_": str(4 << 20)}
+# How low is a trade of memory for speed. At 128 KiB a large model's mid-sized blocks (its activations at small
+# per-worker batches) are mmapped too and less stays resident (DiT-XL/2 under ZeRO-3 on 2 CPU workers: 5.5 GB
+# per worker after set-up instead of 8 GB; its ZeRO-0 peak 13.2 GB instead of 14.1 at 4 MiB, where ZeRO-2 of
+# xAR-L stops fitting 2 workers in 24 GiB), but every one is faulted in anew at each step: a small model's
+# fine-tune ran 2.4× slower (the quickstart's U-Net). On a host, memory decides whether a large model runs at
+# all, so large models get 128 KiB and small ones 4 MiB (above which a large model's weights would lie anyway).
+# `python benchmarks/host_allocator.py` and `benchmarks/finetune_memory.py` measure both sides.
+LARGE_MODEL_PARAMETERS = 100_000_000
+
+
+def host_memory_env(parameters: int) -> dict[str, str]:
+    """The glibc settings of CPU training workers for a model of `parameters` parameters."""
+    threshold = str(128 << 10 if parameters >= LARGE_MODEL_PARAMETERS else 4 << 20)
+    return {"MALLOC_MMAP_THRESHOLD_": threshold, "MALLOC_TRIM_THRESHOLD_": threshold}
 
 
 def train_run_config(name: str, storage_uri: str, max_failures: int, worker_env: dict[str, str] | None = None):

@@ -24,7 +24,7 @@ from ..runtime.checkpoints import dataset_of, load_model, set_torch_threads, spe
 from ..runtime.cluster import ensure_ray, resolve_use_gpu
 from ..runtime.progress import Progress
 from ..runtime.seeds import derive_seed
-from ..training import linear_warmup
+from ..training import count_parameters, linear_warmup
 
 log = logging.getLogger("neon_ray")
 MODEL = "model.safetensors"
@@ -51,7 +51,7 @@ def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
     from ray.train.torch import TorchTrainer
 
     from ..runtime.samplesets import read_samples
-    from ..runtime.train import HOST_MEMORY_ENV, fit, fresh_start, train_run_config
+    from ..runtime.train import fit, fresh_start, host_memory_env, train_run_config
 
     codec = dataset_of(cfg).codec
     n = read_samples(samples, columns=["index"]).num_rows
@@ -71,7 +71,8 @@ def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
                            "samples": samples, "stage_dir": rec.dir, "plan": p, "use_gpu": use_gpu, "config_hash": ctx.config_hash},
         scaling_config=ScalingConfig(num_workers=f.workers, use_gpu=use_gpu, resources_per_worker={"CPU": f.cpus_per_worker},
                                      placement_strategy=f.placement_strategy),
-        run_config=train_run_config(name, ray_dir, f.max_failures, worker_env=None if use_gpu else HOST_MEMORY_ENV),
+        run_config=train_run_config(name, ray_dir, f.max_failures,
+                                    worker_env=None if use_gpu else host_memory_env(parameter_count(spec_of(cfg)))),
     )
     fit(trainer, "finetune", f.max_failures, out_of_memory=OOM_HINT)
     summary = storage.read_json(storage.join(rec.dir, "train_summary.json"))
@@ -95,6 +96,19 @@ def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
 
 OOM_HINT = ("try finetune.zero_stage: 3 (partitions weights, gradients and optimizer state over the workers), "
             "finetune.offload_optimizer: true, finetune.activation_checkpointing: true, or more finetune.workers")
+
+
+def parameter_count(spec) -> int:
+    """Parameters of the configured network, counted on a meta-device copy that allocates nothing (a plugin family
+    whose build cannot run there is built on the CPU)."""
+    from ..runtime.checkpoints import family_for
+
+    family = family_for(spec)
+    try:
+        with torch.device("meta"):
+            return count_parameters(family.build())
+    except Exception:  # noqa: BLE001 - whatever a plugin's build raises on the meta device
+        return count_parameters(family.build())
 
 
 def check_activation_checkpointing(spec) -> None:
