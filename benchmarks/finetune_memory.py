@@ -3,10 +3,11 @@
 
     python benchmarks/finetune_memory.py                                    # DiT-XL/2 (675M) and xAR-L (608M), 3 steps
     python benchmarks/finetune_memory.py --models dit-tiny,xar-tiny --steps 2   # a one-minute check of the script
+    python benchmarks/finetune_memory.py --bf16 --configs zero0,zero3           # bf16 with fp32 master weights
 
 Each row fine-tunes the preset from the same random initialisation (torch seed 0) for --steps steps of
 AdamW at global batch --batch through Ray Train workers running DeepSpeed with the product's own
-DeepSpeed config (stages/finetune.py `deepspeed_config`) and its fp32 gather (`gather_fp32_state`):
+DeepSpeed config (stages/finetune.py `deepspeed_config`) and its consolidation (`write_fp32_checkpoint`):
 - zero0: 1 worker holding a full replica (two 675M replicas with fp32 Adam, ~11 GB each, do not fit in 24 GiB);
 - zero2, zero3, zero3+offload: 2 workers, the global batch split between them.
 Workers get 2 / workers torch threads each, so every row uses the same two cores, and the finetune stage's
@@ -15,9 +16,10 @@ do not fit (Ray's memory monitor stops them) prints a "did not run" row and the 
 
 The loss is a fixed regression of the network's output onto targets drawn per row from (seed, step, row)
 (not the family objective, whose noise is drawn per batch): the global batch is then the same rows however
-the workers split it, and ZeRO-0 and ZeRO-3 must reach the same weights. Columns, per worker:
+the workers split it, and ZeRO-0 and ZeRO-3 must reach the same weights (in fp32; under --bf16 to the
+rounding of bf16 gradients, which ZeRO-3 reduces across the workers in bf16). Columns, per worker:
 - peak RSS: the worker process's maximum resident memory over the training steps (getrusage), and again
-  after the final gather of the full fp32 weights onto rank 0;
+  after the consolidation (the full fp32 weights gathered a tensor at a time and streamed to one file by rank 0);
 - s/step: the median step time (forward, backward, optimizer step) after the first step;
 - max |Δ| vs ZeRO-0: the largest absolute difference between the consolidated fp32 weights and the ZeRO-0
   ones after the same steps, seeds and global batch.
@@ -72,12 +74,12 @@ def train_loop(cfg: dict) -> None:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     import deepspeed
     import ray.train
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
     from neon_ray.config import FinetuneConfig
     from neon_ray.models import ModelSpec, get_family
-    from neon_ray.stages.finetune import deepspeed_config, gather_fp32_state
+    from neon_ray.models.checkpoint import SafetensorsReader
+    from neon_ray.stages.finetune import deepspeed_config, write_fp32_checkpoint
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -88,7 +90,9 @@ def train_loop(cfg: dict) -> None:
     net = family.build().train()
     if cfg["activation_checkpointing"]:
         family.enable_activation_checkpointing(net)
-    f = FinetuneConfig(zero_stage=cfg["zero"], offload_optimizer=cfg["offload"], workers=world, batch_size=cfg["batch"], lr=1e-4)
+    f = FinetuneConfig(zero_stage=cfg["zero"], offload_optimizer=cfg["offload"], workers=world, batch_size=cfg["batch"], lr=1e-4,
+                       bf16=cfg["bf16"])
+    dtype = torch.bfloat16 if f.bf16 else torch.float32  # as the finetune stage feeds a bf16 engine
     opt = torch.optim.AdamW(net.parameters(), lr=f.lr)
     micro = cfg["batch"] // world
     engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=deepspeed_config(f, micro), dist_init_required=False)
@@ -97,26 +101,27 @@ def train_loop(cfg: dict) -> None:
         x, t, y, target = batch_rows(family, family_name, range(rank * micro, (rank + 1) * micro), step, seed=1,
                                       out_channels=getattr(net, "out_channels", None))
         t0 = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(engine(x, t, y).float(), target)
+        loss = torch.nn.functional.mse_loss(engine(x.to(dtype), t.to(dtype), y).float(), target)
         engine.backward(loss)
         engine.step()
         times.append(time.perf_counter() - t0)
     train_peak = rss_mb()
-    state = gather_fp32_state(engine, net, keep=rank == 0)
+    reference = cfg["reference"]
+    written = reference if cfg["zero"] == 0 else os.path.join(cfg["out"], "consolidated.safetensors")
+    write_fp32_checkpoint(engine, net, written, family.spec, write=rank == 0)  # the finetune stage's consolidation
     record = {"rank": rank, "train_peak_mb": train_peak, "gather_peak_mb": rss_mb(),
-              "s_per_step": statistics.median(times[1:] or times), "params": sum(p.numel() for p in net.parameters()) or None}
+              "s_per_step": statistics.median(times[1:] or times), "params": None}
     if rank == 0:
-        reference = cfg["reference"]
-        if cfg["zero"] == 0:
-            save_file({k: v.contiguous() for k, v in state.items()}, reference + ".tmp")
-            os.replace(reference + ".tmp", reference)
-            torch.manual_seed(0)  # the base (the same initialisation), for the merge measurement
-            save_file({k: v.contiguous() for k, v in family.build().state_dict().items()}, cfg["base"])
-        elif os.path.exists(reference):
-            with safe_open(reference, framework="pt") as fh:
-                record["max_abs_diff"] = max((state[k] - fh.get_tensor(k)).abs().max().item() for k in fh.keys())
-        record["largest_tensor_mb"] = max(v.numel() * v.element_size() for v in state.values()) / 2**20
-        record["params"] = sum(v.numel() for k, v in state.items() if k in dict(net.named_parameters()))
+        with SafetensorsReader(written) as mine:
+            if cfg["zero"] == 0:
+                torch.manual_seed(0)  # the base (the same initialisation), for the merge measurement
+                save_file({k: v.contiguous() for k, v in family.build().state_dict().items()}, cfg["base"])
+            elif os.path.exists(reference):
+                with SafetensorsReader(reference) as ref:
+                    record["max_abs_diff"] = max((mine.get_tensor(k) - ref.get_tensor(k)).abs().max().item() for k in ref.keys())
+            record["largest_tensor_mb"] = max(torch.Size(mine.shape(k)).numel() * mine.dtype(k).itemsize for k in mine.keys()) / 2**20
+            names = {name for name, _ in net.named_parameters()}
+            record["params"] = sum(torch.Size(mine.shape(k)).numel() for k in mine.keys() if k in names)
     with open(os.path.join(cfg["out"], f"rank{rank}.json"), "w") as fh:
         json.dump(record, fh)
 
@@ -133,8 +138,8 @@ def run_config(model: str, name: str, args, work: str) -> list[dict]:
     family_name, shape, classes = SPECS[model]
     parameters = parameter_count(ModelSpec(family_name, model, shape, classes))
     out = tempfile.mkdtemp(prefix=f"{name}-", dir=work)
-    slug = model.replace("/", "")
-    cfg = {"model": model, "zero": zero, "offload": offload, "batch": args.batch, "steps": args.steps, "out": out,
+    slug = model.replace("/", "") + ("-bf16" if args.bf16 else "")
+    cfg = {"model": model, "zero": zero, "offload": offload, "batch": args.batch, "steps": args.steps, "out": out, "bf16": args.bf16,
            "activation_checkpointing": args.activation_checkpointing,
            "reference": os.path.join(work, f"{slug}-zero0.safetensors"), "base": os.path.join(work, f"{slug}-base.safetensors")}
     trainer = TorchTrainer(train_loop, train_loop_config=cfg,
@@ -142,7 +147,7 @@ def run_config(model: str, name: str, args, work: str) -> list[dict]:
                            run_config=RunConfig(name=f"mem-{slug}-{name}", storage_path=os.path.join(work, "ray"),
                                                 worker_runtime_env={"env_vars": host_memory_env(parameters)}))  # as the finetune stage's workers
     trainer.fit()
-    return [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out))]
+    return [json.load(open(os.path.join(out, f))) for f in sorted(os.listdir(out)) if f.startswith("rank")]
 
 
 MERGE_CHILD = """
@@ -177,6 +182,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2, help="global batch (split over the workers)")
     ap.add_argument("--activation-checkpointing", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="DeepSpeed bf16 (bf16 weights, activations and gradients; fp32 master weights and Adam)")
     ap.add_argument("--work", default=None, help="folder for checkpoints and Ray Train state (default: a temp dir, removed)")
     args = ap.parse_args()
     import ray
@@ -185,12 +191,12 @@ def main() -> None:
     os.makedirs(work, exist_ok=True)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
     print(f"# finetune memory, CPU ({os.cpu_count()} cores), torch {torch.__version__}, {args.steps} AdamW steps, global batch {args.batch}, "
-          f"fp32{', activation checkpointing' if args.activation_checkpointing else ''}")
+          f"{'bf16 (fp32 master)' if args.bf16 else 'fp32'}{', activation checkpointing' if args.activation_checkpointing else ''}")
     print("| model | params | config | workers | peak RSS / worker, training (MB) | after gather, rank 0 / other (MB) | s/step | vs ZeRO-0 peak | max abs diff vs ZeRO-0 |")
     print("|---|---|---|---|---|---|---|---|---|")
     try:
         for model in args.models.split(","):
-            slug = model.replace("/", "")
+            slug = model.replace("/", "") + ("-bf16" if args.bf16 else "")
             zero0_record = os.path.join(work, f"{slug}-zero0.json")  # a later call with --work and without zero0 compares with it
             zero0_peak = json.load(open(zero0_record))["train_peak_mb"] if os.path.exists(zero0_record) else None
             for name in args.configs.split(","):

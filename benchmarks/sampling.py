@@ -34,7 +34,7 @@ from neon_ray.runtime.seeds import sample_seeds
 H100_DIT_XL2_CEILING = 1962.0  # forwards/s of a DiT-XL/2-sized stack, bf16 + torch.compile, batch 256
 DENOISER_PRESETS = ["unet-p2s", "dit-tiny", "dit-fmnist-cpu"]
 DEFAULT_PRESETS = {"diffusion": DENOISER_PRESETS, "edm": DENOISER_PRESETS, "flow": DENOISER_PRESETS,
-                   "autoregressive": ["ar-fmnist"], "fewstep": ["fewstep-fmnist"], "xar": ["xar-tiny"], "toy-ddpm": ["mlp-paper"]}
+                   "autoregressive": ["ar-fmnist"], "fewstep": ["fewstep-fmnist"], "xar": ["xar-tiny", "xar-fmnist-cpu"], "toy-ddpm": ["mlp-paper"]}
 
 
 def sampler_runs(family: str, steps: int) -> list[dict]:

@@ -55,6 +55,20 @@ def save_checkpoint(uri: str, state_dict: dict[str, torch.Tensor], spec: ModelSp
         storage.upload_file_atomic(local, uri)
 
 
+def save_checkpoint_streaming(uri: str, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                              tensors: Iterable[tuple[str, torch.Tensor]], spec: ModelSpec, **extra: Any) -> None:
+    """`save_checkpoint` for tensors that arrive one at a time, in `layout` order (name, dtype, shape):
+    each is written and dropped, so the whole state dict is never in memory (a ZeRO-3 gather)."""
+    meta = spec.to_metadata() | {k: json.dumps(v) for k, v in extra.items()}
+    with tempfile.TemporaryDirectory(prefix="neon-ckpt-") as tmp:
+        local = os.path.join(tmp, "model.safetensors")
+        writer = StreamingSafetensorsWriter(local, layout, metadata=meta)
+        for name, tensor in tensors:
+            writer.write(name, tensor)
+        writer.close()
+        storage.upload_file_atomic(local, uri)
+
+
 def read_metadata(uri: str) -> dict[str, str]:
     with storage.local_copy(uri, what="checkpoint") as path:
         try:

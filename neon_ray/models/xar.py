@@ -57,6 +57,7 @@ XAR_PRESETS: dict[str, dict] = {
     "xAR-H": dict(width=1280, encoder_depth=20, decoder_depth=20, heads=16, patch=1, clusters=4),   # 1.19B; FID 1.24
     # CPU size on Fashion-MNIST pixels: 2×2 patches → 14×14 tokens of 4 values, 4 clusters of 7×7 tokens.
     "xar-tiny": dict(width=64, encoder_depth=2, decoder_depth=2, heads=2, patch=2, clusters=4),     # 0.35M; tests, tiny_xar.yaml
+    "xar-fmnist-cpu": dict(width=128, encoder_depth=3, decoder_depth=3, heads=4, patch=2, clusters=4),  # fmnist_xar.yaml
 }
 OFFICIAL_PRESETS = ("xAR-B", "xAR-L", "xAR-H")
 XAR_FIELDS = {"width", "encoder_depth", "decoder_depth", "heads", "patch", "clusters"}

@@ -1,8 +1,9 @@
 """Stage `finetune`: θ_ft = a short fine-tune of θ_base on S with the model's own loss (Ray Train + DeepSpeed).
 
 DeepSpeed runs the optimiser (ZeRO stage 0–3, optional bf16 with fp32 master weights). At the end
-every rank takes part in gathering the full fp32 parameters, and rank 0 writes θ_ft as safetensors:
-the merge needs fp32 θ_ft, since θ_ft − θ_base is far below bf16 resolution.
+every rank takes part in gathering the full fp32 parameters, one tensor at a time, and rank 0 streams
+θ_ft into one safetensors file: the merge needs fp32 θ_ft, since θ_ft − θ_base is far below bf16
+resolution, and a large model's fp32 weights are never held whole beside its training state.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -19,7 +21,7 @@ from ..config import FinetuneConfig, RunConfig
 from ..context import StageContext
 from ..errors import NeonError
 from ..manifest import Manifest
-from ..models.checkpoint import save_checkpoint
+from ..models.checkpoint import save_checkpoint_streaming
 from ..runtime.checkpoints import dataset_of, load_model, set_torch_threads, spec_of, train_images_of
 from ..runtime.cluster import ensure_ray, resolve_use_gpu
 from ..runtime.progress import Progress
@@ -144,27 +146,43 @@ def deepspeed_config(f: FinetuneConfig, micro_batch: int) -> dict:
     }
 
 
-def gather_fp32_state(engine, net: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor] | None:
-    """Full fp32 weights: DeepSpeed's master copy where it keeps one (ZeRO 1–3, bf16), else the module's.
+def fp32_layout(engine, net: torch.nn.Module) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+    """(name, dtype, shape) of every tensor of the consolidated state dict: parameters in fp32 at their full
+    shape (ZeRO-3 keeps it in `ds_shape`, the local tensor being a shard), then the buffers (DeepSpeed's bf16
+    mode casts parameters only: buffers keep their dtype)."""
+    layout = [(name, torch.float32, tuple(getattr(p, "ds_shape", p.shape))) for name, p in engine.module.named_parameters()]
+    layout += [(name, b.dtype, tuple(b.shape)) for name, b in engine.module.named_buffers()]
+    expected, names = set(net.state_dict()), {n for n, _, _ in layout}
+    assert names == expected, f"gathered keys differ: {sorted(expected ^ names)[:5]}"
+    return layout
 
-    Collective under ZeRO-3: every rank must call it; only ranks with `keep` hold the result (a rank that
-    does not write it drops each gathered tensor at once, so a large model is never held twice per node).
-    """
+
+def iter_fp32_state(engine, keep: bool = True) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """Full fp32 tensors one at a time, in `fp32_layout` order: DeepSpeed's master copy where it keeps one
+    (ZeRO 1–3, bf16), else the module's. Collective under ZeRO-3: every rank must run it to the end; ranks
+    without `keep` get None (each gathered tensor dropped at once)."""
     from deepspeed.utils import safe_get_full_fp32_param
 
-    state = {}
     for name, param in engine.module.named_parameters():
         full = safe_get_full_fp32_param(param)
-        if keep:
-            state[name] = (full if full is not None else param.detach()).float().cpu().clone()
+        yield name, ((full if full is not None else param.detach()).float().cpu().clone() if keep else None)
         del full
-    if not keep:
-        return None
     for name, buf in engine.module.named_buffers():
-        state[name] = buf.detach().cpu().clone()
-    expected = set(net.state_dict())
-    assert set(state) == expected, f"gathered keys differ: {sorted(expected ^ set(state))[:5]}"
-    return state
+        yield name, (buf.detach().cpu().clone() if keep else None)
+
+
+def write_fp32_checkpoint(engine, net: torch.nn.Module, uri: str, spec, write: bool, **extra) -> None:
+    """Consolidate the fp32 weights into one safetensors file at `uri`, a tensor at a time: the writing rank
+    holds one full tensor beyond its training state, never the whole model (rank 0's peak of a 675M ZeRO-3
+    run would otherwise grow by its 2.7 GB of fp32 weights). Collective under ZeRO-3: every rank calls it."""
+    layout = fp32_layout(engine, net)
+    tensors = iter_fp32_state(engine, keep=write)
+    try:
+        if write:
+            save_checkpoint_streaming(uri, layout, tensors, spec, **extra)
+    finally:
+        for _ in tensors:  # the other ranks' gathers need this one to the end, also after a failed write
+            pass
 
 
 def _finetune_loop(loop_cfg: dict) -> None:
@@ -236,9 +254,9 @@ def _finetune_loop(loop_cfg: dict) -> None:
                              {"step": done, "losses": losses, "history": history, "initial_loss": initial, "config_hash": h})
     seconds = time.time() - t0
 
-    state = gather_fp32_state(engine, net, keep=rank == 0)  # collective under ZeRO-3
+    write_fp32_checkpoint(engine, net, storage.join(stage_dir, MODEL), family.spec, write=rank == 0,  # collective under ZeRO-3
+                          finetune_images=p["images"])
     if rank == 0:
-        save_checkpoint(storage.join(stage_dir, MODEL), state, family.spec, finetune_images=p["images"])
         storage.write_json_atomic(storage.join(stage_dir, "history.json"), history)
         storage.write_json_atomic(storage.join(stage_dir, "train_summary.json"), {
             "final_loss": sum(losses) / len(losses) if losses else None,
