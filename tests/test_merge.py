@@ -151,3 +151,23 @@ def test_merge_keeps_the_base_metadata_and_records_w(tmp_path):
     with safe_open(str(tmp_path / "o.safetensors"), framework="pt") as fh:
         assert fh.metadata() == {"family": "dit", "preset": "DiT-XL/2", "neon_w": "0.5"}
         torch.testing.assert_close(fh.get_tensor("w"), torch.full((3,), 1.5))
+
+
+def test_streamed_checkpoint_equals_the_one_written_whole(tmp_path):
+    """The finetune stage's consolidation (a tensor at a time) gives the same file contents, metadata included,
+    as save_checkpoint from a state dict in memory."""
+    from neon_ray.models import ModelSpec
+    from neon_ray.models.checkpoint import load_checkpoint, save_checkpoint, save_checkpoint_streaming
+
+    spec = ModelSpec("xar", "xar-tiny", (1, 28, 28), 10)
+    state = {"a.weight": torch.randn(3, 4), "mask": torch.full((1, 1, 2, 2), float("-inf")), "steps": torch.tensor(7)}
+    save_checkpoint(str(tmp_path / "whole.safetensors"), state, spec, finetune_images=64)
+    layout = [(k, v.dtype, tuple(v.shape)) for k, v in state.items()]
+    save_checkpoint_streaming(str(tmp_path / "streamed.safetensors"), layout, iter(state.items()), spec, finetune_images=64)
+    whole, whole_meta = load_checkpoint(str(tmp_path / "whole.safetensors"))
+    streamed, streamed_meta = load_checkpoint(str(tmp_path / "streamed.safetensors"))
+    assert streamed_meta == whole_meta and streamed_meta["finetune_images"] == "64"
+    assert set(streamed) == set(whole) and all(torch.equal(streamed[k], whole[k]) for k in whole)
+    with pytest.raises(AssertionError, match="layout order"):  # a tensor out of order never lands in the file
+        save_checkpoint_streaming(str(tmp_path / "bad.safetensors"), layout, reversed(list(state.items())), spec)
+    assert not (tmp_path / "bad.safetensors").exists()
