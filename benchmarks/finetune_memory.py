@@ -49,6 +49,11 @@ SPECS = {  # ImageNet-256 latent shapes of the official models; Fashion-MNIST sh
 CONFIGS = {"zero0": (0, False, 1), "zero2": (2, False, 2), "zero3": (3, False, 2), "zero3+offload": (3, True, 2)}
 
 
+def slug_of(model: str, bf16: bool) -> str:
+    """The file-name stem of a model's reference checkpoints (one set per precision)."""
+    return model.replace("/", "") + ("-bf16" if bf16 else "")
+
+
 def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
@@ -138,7 +143,7 @@ def run_config(model: str, name: str, args, work: str) -> list[dict]:
     family_name, shape, classes = SPECS[model]
     parameters = parameter_count(ModelSpec(family_name, model, shape, classes))
     out = tempfile.mkdtemp(prefix=f"{name}-", dir=work)
-    slug = model.replace("/", "") + ("-bf16" if args.bf16 else "")
+    slug = slug_of(model, args.bf16)
     cfg = {"model": model, "zero": zero, "offload": offload, "batch": args.batch, "steps": args.steps, "out": out, "bf16": args.bf16,
            "activation_checkpointing": args.activation_checkpointing,
            "reference": os.path.join(work, f"{slug}-zero0.safetensors"), "base": os.path.join(work, f"{slug}-base.safetensors")}
@@ -196,7 +201,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|")
     try:
         for model in args.models.split(","):
-            slug = model.replace("/", "") + ("-bf16" if args.bf16 else "")
+            slug = slug_of(model, args.bf16)
             zero0_record = os.path.join(work, f"{slug}-zero0.json")  # a later call with --work and without zero0 compares with it
             zero0_peak = json.load(open(zero0_record))["train_peak_mb"] if os.path.exists(zero0_record) else None
             for name in args.configs.split(","):

@@ -252,10 +252,12 @@ class Tracker:
                 return run.info.run_id
         return None
 
-    def resume_child(self, name: str, parent: str | None, tags: dict[str, str], key: tuple[str, ...]) -> str | None:
+    def resume_child(self, name: str, parent: str | None, tags: dict[str, str], key: tuple[str, ...],
+                     unfinished: bool = True) -> str | None:
         """The child run whose `key` tags match (reopened), else a new one: an interrupted stage or trial that is
-        resumed keeps logging to the run it started, so a stopped and resubmitted job shows each once."""
-        run = self.find_child(parent, {k: tags[k] for k in key}, unfinished=True)
+        resumed keeps logging to the run it started, so a stopped and resubmitted job shows each once.
+        `unfinished=False` reopens a matching run even if it had finished (a key that names one run for good)."""
+        run = self.find_child(parent, {k: tags[k] for k in key}, unfinished=unfinished)
         if run is None:
             return self.start_child(name, parent, tags)
         self.client.update_run(run, status="RUNNING")

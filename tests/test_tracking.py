@@ -36,3 +36,20 @@ def test_an_interrupted_stage_and_trial_resume_their_runs(tmp_path, monkeypatch)
     assert other != stage
     again.end_child(resumed, ok=True)
     assert again.start_stage("tune", "abc123") not in (stage, other)  # finished, then forced again: a new run
+
+
+def test_a_trial_rerun_after_it_finished_reopens_its_run(tmp_path, monkeypatch):
+    """A trial that completed after Tune last saved its experiment state is run again by Tuner.restore: it must
+    log into the run it finished, not a second run of the same trial id (the job-stop test saw 3 runs, 2 ids)."""
+    first = _tracker(tmp_path / "out", monkeypatch)
+    stage = first.start_stage("tune", "abc123")
+    tags = {"stage": "tune-trial", "trial_id": "t_00000"}
+    trial = first.resume_child("trial w=0.5", stage, tags, key=("stage", "trial_id"), unfinished=False)
+    first.end_child(trial, ok=True)  # the trial completed, then the job was stopped
+    first.close(ok=False)
+
+    again = _tracker(tmp_path / "out", monkeypatch)
+    rerun = again.resume_child("trial w=0.5", again.start_stage("tune", "abc123"), tags, key=("stage", "trial_id"), unfinished=False)
+    assert rerun == trial and again.client.get_run(trial).info.status == "RUNNING"
+    trials = again.client.search_runs([again.experiment_id], "tags.stage = 'tune-trial'")
+    assert [r.info.run_id for r in trials] == [trial]

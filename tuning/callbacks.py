@@ -35,9 +35,11 @@ class MLflowTrials(Callback):
             from .spaces import W, describe, overrides_of
 
             # Tune keeps a trial's id through `Tuner.restore`: a resumed trial reopens the run it started
-            # (its params logged again with the same values, which MLflow accepts).
+            # (its params logged again with the same values, which MLflow accepts), even a finished one: a trial
+            # that completed after Tune last saved its experiment state is run again by the restored search.
             tags = {"stage": "tune-trial", "trial_id": trial.trial_id}
-            run = tracker.resume_child(f"trial {describe(trial.config)}", type(self)._parent_run, tags, key=("stage", "trial_id"))
+            run = tracker.resume_child(f"trial {describe(trial.config)}", type(self)._parent_run, tags, key=("stage", "trial_id"),
+                                       unfinished=False)
             tracker.log_params(run, {"w": float(trial.config[W]), **{f"sampler.{k}": v for k, v in overrides_of(trial.config).items()}})
             self.runs[trial.trial_id] = run
         return self.runs[trial.trial_id]
