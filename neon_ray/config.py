@@ -61,6 +61,8 @@ class DataConfig(Section):
     download: bool = Field(True, description="Download from the canonical URL when no local copy exists.")
     options: dict[str, Any] = Field(default_factory=dict, description="Dataset-specific options (e.g. gaussian2d: n_train, n_test, cov, seed).")
 
+    OPERATIONAL: ClassVar[set[str]] = {"download"}
+
 
 class ModelConfig(Section):
     family: str = Field("diffusion", description="A registered model family or a module:attr plugin.")
@@ -98,6 +100,9 @@ class GenerateConfig(Section):
     gpus_per_actor: float | None = Field(None, ge=0, description="null: 1 when the cluster has GPUs, else 0.")
     threads_per_actor: int = Field(1, ge=1, description="torch threads per CPU actor.")
     bf16: bool = Field(False, description="Sample under bf16 autocast (fast on GPUs; off by default so small w·Δθ survive).")
+
+    # Sample i depends only on (seed, stream, i), not on how many actors or threads draw it.
+    OPERATIONAL: ClassVar[set[str]] = {"actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor"}
 
 
 class FinetuneConfig(Section):
@@ -168,7 +173,8 @@ class EvaluateConfig(Section):
     prc_num_reference: int = Field(10000, ge=2, description="At most this many (seeded) reference features are cached for precision/recall.")
     floor: bool = Field(True, description="Also report fid_floor: FID of as many real images (the other split) against the reference.")
 
-    OPERATIONAL: ClassVar[set[str]] = {"actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor"}
+    # reference_cache: where cached statistics live; they are keyed by what they are of (scoring.reference_identity).
+    OPERATIONAL: ClassVar[set[str]] = {"actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor", "reference_cache"}
 
     @field_validator("extractor")
     @classmethod
@@ -325,6 +331,9 @@ class RunConfig(Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+
+    # Where the output goes, which Ray runs it and where MLflow records it never change what a stage computes.
+    OPERATIONAL: ClassVar[set[str]] = {"output", "ray", "mlflow"}
 
     _scoring_sampler: Any = PrivateAttr(None)
 

@@ -19,6 +19,9 @@ from . import __version__, storage
 log = logging.getLogger("neon_ray")
 
 MANIFEST = "manifest.json"
+# The scheme of `config_hash` (neon_ray.inputs). 1: hand-picked config parts per stage (missed data.options,
+# data.path and the reference's source); 2: every stage's declared inputs. Manifests without the field are 1.
+HASH_SCHEME = 2
 
 
 class Manifest(BaseModel):
@@ -35,6 +38,11 @@ class Manifest(BaseModel):
     wall_seconds: float = 0.0
     finished_at: str = ""
     neon_ray_version: str = __version__
+    hash_scheme: int = 1
+
+    @property
+    def outdated_scheme(self) -> bool:
+        return self.hash_scheme < HASH_SCHEME
 
     def uri(self, root: str, key: str) -> str:
         """The URI of output `key` under the output root `root` (wherever that root now is)."""
@@ -53,11 +61,6 @@ def read_manifest(output: str, stage: str) -> Manifest | None:
         return Manifest.model_validate(storage.read_json(uri))
     except (ValueError, OSError):
         return None  # a torn or foreign file: treat as not done
-
-
-def current_manifest(output: str, stage: str, config_hash: str) -> Manifest | None:
-    man = read_manifest(output, stage)
-    return man if man is not None and man.config_hash == config_hash else None
 
 
 class StageRecord:
@@ -81,7 +84,7 @@ class StageRecord:
             inputs={k: storage.relative(self.output, v) if isinstance(v, str) else v for k, v in self.inputs.items()},
             outputs={k: storage.relative(self.output, v) for k, v in self.outputs.items()},
             metrics=self.metrics, params=self.params, wall_seconds=round(time.time() - self.started, 3),
-            finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            finished_at=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), hash_scheme=HASH_SCHEME,
         )
         storage.write_json_atomic(storage.join(self.dir, MANIFEST), manifest.model_dump(mode="json"))
         return manifest

@@ -5,10 +5,12 @@
                    └────► evaluate
 
 `base` is θ_base: `model.checkpoint` when set (then pretrain is not part of the run), else the
-pretrain stage's model. A stage's config hash is its own config parts plus the hashes of what it
-needs, so changing anything upstream reruns everything downstream, and nothing else. A stage whose
-manifest records the current hash is skipped. Every stage receives its config section and a
-`StageContext` holding its inputs; no stage imports another.
+pretrain stage's model. Each stage declares what it reads (`INPUTS`, a neon_ray.inputs.StageInputs:
+config fields, derived inputs such as the dataset's identity, and the upstream artifacts it needs);
+its config hash is the fingerprint of exactly that, so changing anything a stage reads reruns it and
+everything downstream, and nothing else. A stage whose manifest records the current hash is skipped
+(one written by an older hash scheme is redone once, saying so). Every stage receives its config
+section and a `StageContext` holding its inputs; no stage imports another.
 
 MLflow: the output's parent run is resumed by every command on that output; each stage that runs
 gets a child run; `<output>/summary.json`, a base-vs-Neon sample grid and an FID-vs-w plot close a
@@ -25,32 +27,35 @@ from dataclasses import dataclass
 from types import ModuleType
 
 from . import storage
-from .config import RunConfig, fingerprint, to_yaml
+from .config import RunConfig, to_yaml
 from .context import StageContext
 from .errors import NeonError
-from .manifest import Manifest, current_manifest, read_manifest
+from .inputs import BASE, StageInputs, fingerprint_inputs
+from .manifest import Manifest, read_manifest
 from .runtime.checkpoints import checkpoint_identity
 from .stages import evaluate, finetune, generate, merge, pretrain, tune
 from .tracking import Tracker, redact
 
 log = logging.getLogger("neon_ray")
-BASE = "base"
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    module: ModuleType  # exposes config_parts(cfg) and run(section, ctx) -> Manifest
-    needs: tuple[str, ...]  # dependencies: BASE or other stages
+    module: ModuleType  # exposes INPUTS (what it reads) and run(section, ctx) -> Manifest
+
+    @property
+    def inputs(self) -> StageInputs:
+        return self.module.INPUTS
+
+    @property
+    def needs(self) -> tuple[str, ...]:  # dependencies: BASE or other stages
+        return self.inputs.needs
 
 
 GRAPH: dict[str, Stage] = {s.name: s for s in (
-    Stage("pretrain", pretrain, ()),
-    Stage("generate", generate, (BASE,)),
-    Stage("finetune", finetune, (BASE, "generate")),
-    Stage("evaluate", evaluate, (BASE,)),
-    Stage("tune", tune, (BASE, "finetune")),
-    Stage("merge", merge, (BASE, "finetune")),
+    Stage("pretrain", pretrain), Stage("generate", generate), Stage("finetune", finetune),
+    Stage("evaluate", evaluate), Stage("tune", tune), Stage("merge", merge),
 )}
 PIPELINE = ("pretrain", "generate", "finetune", "evaluate", "tune")
 
@@ -73,17 +78,22 @@ def dependency_hash(cfg: RunConfig, dependency: str, files: dict[str, str] | Non
     return stage_hash(cfg, dependency)
 
 
+def hashes(cfg: RunConfig, name: str, files: dict[str, str] | None = None, options: dict | None = None) -> tuple[dict[str, str], str]:
+    """(its upstream's hashes, its own) for stage `name`: the fingerprint of what it reads (neon_ray.inputs)."""
+    upstream = {dep: dependency_hash(cfg, dep, files) for dep in GRAPH[name].needs}
+    return upstream, fingerprint_inputs(cfg, name, GRAPH[name].inputs, upstream, options)
+
+
 def stage_hash(cfg: RunConfig, name: str, files: dict[str, str] | None = None, options: dict | None = None) -> str:
-    stage = GRAPH[name]
-    upstream = [dependency_hash(cfg, dep, files) for dep in stage.needs]
-    return fingerprint(name, *stage.module.config_parts(cfg), *upstream, *([options] if options else []))
+    return hashes(cfg, name, files, options)[1]
 
 
 def require(cfg: RunConfig, name: str) -> Manifest:
     """The manifest of an upstream stage that is current for this config, or a one-line error saying what to run."""
     man = read_manifest(cfg.output, name)
     if man is None or man.config_hash != stage_hash(cfg, name):
-        state = "has not run" if man is None else "is out of date for this config"
+        state = ("has not run" if man is None else "was finished by an older neon-ray whose config hashes missed some inputs"
+                 if man.outdated_scheme else "is out of date for this config")
         raise NeonError(f"stage {name} {state} under {storage.redact_uri(cfg.output)}; run `neon-ray {name}` (or `neon-ray run`) first")
     return man
 
@@ -92,7 +102,7 @@ def context(cfg: RunConfig, name: str, files: dict[str, str] | None = None, opti
     """Everything stage `name` needs: its hash and its inputs (upstream stages must be current)."""
     stage = GRAPH[name]
     given = dict(files or {})
-    upstream_hashes = {dep: dependency_hash(cfg, dep, given) for dep in stage.needs}
+    upstream_hashes, config_hash = hashes(cfg, name, given, options)
     inputs, upstream = dict(given), {}
     for dep in stage.needs:
         if dep in inputs:
@@ -101,7 +111,6 @@ def context(cfg: RunConfig, name: str, files: dict[str, str] | None = None, opti
             inputs[BASE] = cfg.model.checkpoint or require(cfg, "pretrain").uri(cfg.output, "model")
         else:
             upstream[dep] = require(cfg, dep)
-    config_hash = fingerprint(name, *stage.module.config_parts(cfg), *upstream_hashes.values(), *([options] if options else []))
     return StageContext(cfg=cfg, name=name, config_hash=config_hash, upstream_hashes=upstream_hashes, upstream=upstream,
                         files=inputs, options=dict(options or {}))
 
@@ -114,9 +123,13 @@ def run_stage(cfg: RunConfig, name: str, tracker: Tracker, force: bool = False, 
               options: dict | None = None) -> tuple[Manifest, bool]:
     """(manifest, skipped): run stage `name` unless its manifest is current for this config."""
     ctx = context(cfg, name, files, options)
-    if not force and (done := current_manifest(cfg.output, name, ctx.config_hash)) is not None:
+    done = None if force else read_manifest(cfg.output, name)
+    if done is not None and done.config_hash == ctx.config_hash:
         log.info("%s: up to date (config %s), skipping", name, ctx.config_hash)
         return done, True
+    if done is not None and done.outdated_scheme:
+        log.info("%s: finished by neon-ray %s, whose config hashes missed some inputs (data.options, data.path, the "
+                 "reference's source); redoing it once", name, done.neon_ray_version)
     ctx.tracker, ctx.force = tracker, force
     ctx.run_id = tracker.start_stage(name, ctx.config_hash)
     try:

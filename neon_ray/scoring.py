@@ -6,7 +6,9 @@ A checkpoint's evaluation set comes from the same Ray Data path as `generate` (s
 keyed by evaluate.seed, identical for every model scored: common random numbers); features come from
 a torch-fidelity extractor over an actor pool, merged exactly across shards. The reference statistics
 (and a capped, seeded sample of reference features for precision/recall) are computed once and
-cached; the floor, FID of n real images against the same reference, is cached per (n, reference).
+cached under a name that says what they are of (`reference_identity`: the dataset's identity and split, or
+the reference source's content), and checked against it on reuse; the floor, FID of n real images against
+the same reference, is cached per (n, reference).
 Published ADM/EDM `.npz` files (`mu`, `sigma`) can be imported as the reference, tagged with the
 feature space they were made in.
 """
@@ -14,6 +16,7 @@ feature space they were made in.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -49,16 +52,25 @@ def extractor_space(cfg: RunConfig) -> str:
     return extractors.feature_space(cfg.evaluate.extractor, cfg.evaluate.extractor_weights)
 
 
+def reference_identity(cfg: RunConfig) -> dict:
+    """What the reference statistics are of: the reference source's content, or the dataset's identity and split."""
+    ev = cfg.evaluate
+    if ev.reference_source:
+        return {"source": storage.redact_uri(ev.reference_source), "content": storage.content_identity(ev.reference_source)}
+    return {"dataset": dataset_of(cfg).identity(), "split": ev.reference_split}
+
+
+def _digest(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
+
+
 def reference_uri(cfg: RunConfig) -> str:
     """`evaluate.reference`, else a cache file named by what the statistics are of and which extractor made them."""
     ev = cfg.evaluate
     if ev.reference:
         return ev.reference
-    if ev.reference_source:
-        what = f"{os.path.basename(ev.reference_source.rstrip('/'))}-{hashlib.sha256(ev.reference_source.encode()).hexdigest()[:8]}"
-    else:
-        what = f"{cfg.data.name}-{ev.reference_split}"
-    name = re.sub(r"[^A-Za-z0-9_.@-]", "_", f"{what}-{extractor_fingerprint(cfg)}")
+    what = os.path.basename(ev.reference_source.rstrip("/")) if ev.reference_source else f"{cfg.data.name}-{ev.reference_split}"
+    name = re.sub(r"[^A-Za-z0-9_.@-]", "_", f"{what}-{_digest(reference_identity(cfg))}-{extractor_fingerprint(cfg)}")
     return storage.join(ev.reference_cache or storage.join(cfg.output, "reference"), f"{name}.npz")
 
 
@@ -100,6 +112,7 @@ def compute_reference(cfg: RunConfig, num_shards: int | None = None) -> Statisti
     samples = open_samples(ev.reference_source) if ev.reference_source else dataset_split(cfg, ev.reference_split)
     result = features_of(cfg, samples, keep_cap=ev.prc_num_reference, num_shards=num_shards)
     uri = reference_uri(cfg)
+    result.stats.identity = json.dumps(reference_identity(cfg), sort_keys=True, default=str)
     radii = knn_radii(result.features, ev.prc_k) if ev.prc and len(result.features) > ev.prc_k else None  # once, not per score
     storage.write_bytes_atomic(sidecar(uri, "features.npz"),
                                features_to_bytes(result.features, result.stats.feature_space, radii, ev.prc_k))
@@ -121,10 +134,39 @@ def cached_reference(cfg: RunConfig) -> Statistics | None:
                             f"{cfg.evaluate.extractor} computes {space}")
         log.info("cached reference statistics %s are in %s; recomputing", uri, stats.feature_space)
         return None
+    if stats.identity and not _same_source(cfg, json.loads(stats.identity), uri):
+        return None
     if cfg.evaluate.prc and stats.extractor != IMPORTED and not storage.exists(sidecar(uri, "features.npz")):
         log.info("cached reference statistics %s have no feature sample for precision/recall; recomputing", uri)
         return None
     return stats
+
+
+def _same_source(cfg: RunConfig, stored: dict, uri: str) -> bool:
+    """Whether statistics made from `stored` (a reference_identity) may stand for this config's reference.
+
+    A cache file that was made from other data is recomputed. A configured `evaluate.reference` made from another
+    dataset, split, options or source is an error; one whose files only changed on disk (copied, touched) is used,
+    with a warning."""
+    current = json.loads(json.dumps(reference_identity(cfg), default=str))  # as stored: tuples become lists
+    if stored == current:
+        return True
+    if not cfg.evaluate.reference:
+        log.info("cached reference statistics %s were computed from other data; recomputing", uri)
+        return False
+    if _without_content(stored) != _without_content(current):
+        raise NeonError(f"evaluate.reference: {storage.redact_uri(uri)} was computed from {_describe(stored)}, but this config's "
+                        f"reference is {_describe(current)}; recompute it with `neon-ray ref-stats --force` or unset evaluate.reference")
+    log.warning("evaluate.reference: the files it was computed from changed on disk since (%s); using it as configured", _describe(current))
+    return True
+
+
+def _without_content(identity: dict) -> dict:
+    return {k: _without_content(v) if isinstance(v, dict) else v for k, v in identity.items() if k != "content"}
+
+
+def _describe(identity: dict) -> str:
+    return json.dumps(_without_content(identity), sort_keys=True)
 
 
 def require_reference(cfg: RunConfig) -> None:

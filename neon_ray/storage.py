@@ -103,6 +103,29 @@ def exists(uri: str) -> bool:
     return fs.exists(path)
 
 
+def file_stamp(info: dict) -> str:
+    """What changes when a file's content does, as cheaply as the filesystem tells it: an mtime, or an object's etag."""
+    return str(info.get("mtime", info.get("LastModified", info.get("ETag", info.get("etag", "")))))
+
+
+def content_identity(uri: str) -> dict | None:
+    """A cheap identity of a file's or a folder's content: how many files, their bytes, and a digest of every
+    file's relative name, size and stamp (no file is read). None when nothing is there."""
+    import hashlib
+
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return None
+    if fs.isdir(path):
+        found = fs.find(path, detail=True)
+        rows = sorted((p[len(path.rstrip("/")) + 1:], info.get("size"), file_stamp(info)) for p, info in found.items())
+    else:
+        info = fs.info(path)
+        rows = [("", info.get("size"), file_stamp(info))]
+    digest = hashlib.sha256(json.dumps(rows).encode()).hexdigest()[:16]
+    return {"files": len(rows), "bytes": sum(size or 0 for _, size, _ in rows), "digest": digest}
+
+
 def makedirs(uri: str) -> None:
     fs, path = filesystem(uri)
     if not is_object_store(fs):

@@ -142,10 +142,10 @@ def test_second_space_headline_scores_the_pair_in_inception_features(ray_local, 
         where = out / "tune" / "final" / arm / "seed-0" / "samples"
         sample_to_parquet(spec_of(cfg), str(tiny_checkpoint), cfg.sampler, "image", N, seed, "eval", str(where), cfg.generate, actors=1)
         final[arm] = {"samples": str(where.relative_to(out))}
-    second = in_second_space(cfg, final, str(out / "tune"))
+    second = in_second_space(cfg, final, str(out / "tune"), "trial-hash")
     assert second["feature_space"] == INCEPTION_SPACE and second["n"] == N // 2 and second["extractor"] == INCEPTION_FID_HELPER
     assert second["fid_floor"] > 0 and second["fid_base"] > second["fid_floor"] and second["fid_neon"] > second["fid_floor"]
     assert second["change_pct"] == pytest.approx(100 * (second["fid_neon"] - second["fid_base"]) / second["fid_base"])
     cached = out / "tune" / "final" / f"second-space-{INCEPTION_FID_HELPER}-n{N // 2}.json"
     stamp = cached.stat().st_mtime_ns
-    assert in_second_space(cfg, final, str(out / "tune")) == second and cached.stat().st_mtime_ns == stamp  # reused
+    assert in_second_space(cfg, final, str(out / "tune"), "trial-hash") == second and cached.stat().st_mtime_ns == stamp  # reused

@@ -13,7 +13,7 @@ LAYERS = [
     ("neon_ray.pipeline", 1),
     ("neon_ray.stages", 2),
     ("tuning", 3),
-    ("neon_ray.scoring", 4), ("neon_ray.tracking", 4), ("neon_ray.context", 4), ("neon_ray.report", 4), ("neon_ray.mlflow_model", 4),
+    ("neon_ray.scoring", 4), ("neon_ray.tracking", 4), ("neon_ray.context", 4), ("neon_ray.inputs", 4), ("neon_ray.report", 4), ("neon_ray.mlflow_model", 4),
     ("neon_ray.runtime", 5),
     ("neon_ray.config", 6), ("neon_ray.manifest", 6),
     ("neon_ray", 7),  # models, data, fid, merge, storage, training, imageio, errors
@@ -65,8 +65,9 @@ def test_imports_only_go_down_and_stages_stay_apart():
 
 
 def test_stage_modules_expose_the_stage_protocol():
+    from neon_ray.inputs import StageInputs
     from neon_ray.pipeline import GRAPH
 
     for name, stage in GRAPH.items():
-        assert callable(stage.module.run) and callable(stage.module.config_parts), name
+        assert callable(stage.module.run) and isinstance(stage.module.INPUTS, StageInputs), name
         assert stage.module.__name__ == f"neon_ray.stages.{name}"

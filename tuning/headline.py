@@ -99,7 +99,7 @@ def compare(base: dict, neon: dict) -> dict:
             "within_seed_spread": within, "below_floor": None if floor is None else abs(delta) < floor}
 
 
-def in_second_space(cfg: RunConfig, final: dict, tune_dir: str) -> dict | None:
+def in_second_space(cfg: RunConfig, final: dict, tune_dir: str, trial_hash: str) -> dict | None:
     """FID of the rescored pair in tune.headline_extractor's feature space at tune.headline_samples, with its floor."""
     name, n = cfg.tune.headline_extractor, cfg.tune.headline_samples
     if not name:
@@ -107,7 +107,8 @@ def in_second_space(cfg: RunConfig, final: dict, tune_dir: str) -> dict | None:
     ev = cfg.evaluate.model_copy(update={"extractor": name, "extractor_weights": None, "prc": False})
     other = cfg.model_copy(update={"evaluate": ev})
     space = extractors.feature_space(name, None)
-    expected = fingerprint("tune-second-space", space, n, ev.seed, final["base"]["samples"], final["neon"]["samples"])
+    # trial_hash: what the picks' samples and the real images were drawn from (models, sampler, dataset identity).
+    expected = fingerprint("tune-second-space", space, n, ev.seed, final["base"]["samples"], final["neon"]["samples"], trial_hash)
     uri = storage.join(tune_dir, "final", f"second-space-{name}-n{n}.json")
     if storage.exists(uri) and (done := storage.read_json(uri)).get("config_hash") == expected:
         return done

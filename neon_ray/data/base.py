@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from .. import storage
 from ..errors import ConfigError
 from .codec import CODECS, SampleCodec
 
@@ -35,6 +36,12 @@ class Dataset(ABC):
     @property
     def codec(self) -> SampleCodec:
         return CODECS[self.kind]
+
+    def identity(self) -> dict[str, Any]:
+        """What this dataset's content is, cheaply: its name, options, path and the files under the path (names,
+        sizes, mtimes or etags; none is read). Outputs computed from the data are keyed by it."""
+        return {"name": self.name, "options": self.options, "path": self.path,
+                "content": storage.content_identity(self.path) if self.path else None}
 
     @abstractmethod
     def load(self, split: Split) -> tuple[np.ndarray, np.ndarray]:

@@ -76,6 +76,7 @@ class Statistics:
     feature_space: str
     extractor: str = ""
     source: str = ""
+    identity: str = ""  # JSON of what the statistics are of (neon_ray.scoring.reference_identity); "" when unknown
 
     @classmethod
     def from_moments(cls, m: Moments, feature_space: str, extractor: str = "", source: str = "") -> "Statistics":
@@ -84,7 +85,7 @@ class Statistics:
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
         np.savez(buf, mu=self.mu, sigma=self.sigma, n=np.int64(self.n), feature_space=np.array(self.feature_space),
-                 extractor=np.array(self.extractor), source=np.array(self.source))
+                 extractor=np.array(self.extractor), source=np.array(self.source), identity=np.array(self.identity))
         return buf.getvalue()
 
     @classmethod
@@ -97,7 +98,7 @@ class Statistics:
         mu, sigma = _mu_sigma(arrays, source)
         space = str(arrays.get("feature_space", arrays.get("extractor")))  # legacy files: one `extractor` tag
         return cls(mu, sigma, int(arrays["n"]) if "n" in arrays else 0, space, str(arrays.get("extractor", space)),
-                   str(arrays.get("source", source)))
+                   str(arrays.get("source", source)), str(arrays.get("identity", "")))
 
 
 def import_published(data: bytes, source: str, feature_space: str, dim: int | None = None) -> Statistics:

@@ -51,8 +51,7 @@ def checkpoint_identity(uri: str, field: str = "model.checkpoint") -> str:
     if not fs.exists(path):
         raise NeonError(f"{field}: file not found: {storage.redact_uri(uri)}")
     info = fs.info(path)
-    stamp = info.get("mtime", info.get("LastModified", info.get("ETag", "")))
-    return json.dumps({"uri": storage.redact_uri(uri), "size": info.get("size"), "mtime": str(stamp)})
+    return json.dumps({"uri": storage.redact_uri(uri), "size": info.get("size"), "mtime": storage.file_stamp(info)})
 
 
 def train_images_of(uri: str, fallback: int | None) -> int | None:

@@ -137,8 +137,8 @@ def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSetting
             compute=ActorPoolStrategy(size=min(actors or g.actors, len(todo))),
             num_cpus=g.cpus_per_actor,
             num_gpus=gpus,
-            max_restarts=-1,  # a killed or lost sampling actor is replaced, and its item retried
-            max_task_retries=-1,
+            # Ray Data's actor pools restart a killed or lost actor and retry its item by default (max_restarts and
+            # max_task_retries -1); passing them here only went through the deprecated **ray_remote_args.
         )
         done = sum(len(b["start"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
         assert done == len(todo), f"{done} of {len(todo)} work items reported"

@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
-from ..config import EvaluateConfig, RunConfig
+from ..config import EvaluateConfig
 from ..context import StageContext
+from ..inputs import BASE, StageInputs
 from ..manifest import Manifest
 from ..runtime.checkpoints import load_model, spec_of
 from ..runtime.cluster import ensure_ray
@@ -13,9 +14,9 @@ from ..scoring import extractor_fingerprint, reference_statistics, reference_uri
 SCORES = ("fid", "precision", "recall", "fid_floor", "class_consistency", "n", "sample_seconds")
 
 
-def config_parts(cfg: RunConfig) -> tuple:
-    return (cfg.data.name, cfg.model.family, cfg.model.preset, cfg.model.options, cfg.scoring_sampler(),
-            cfg.evaluate.hash_parts(), extractor_fingerprint(cfg), cfg.generate.bf16)
+# Evaluation samples are drawn with the generate section's batch size and precision (score_rung).
+INPUTS = StageInputs(fields=("model.family", "model.preset", "model.options", "evaluate", "generate.batch_size", "generate.bf16"),
+                     derived=("dataset", "data_spec", "scoring_sampler", "extractor"), needs=(BASE,))
 
 
 def run(section: EvaluateConfig, ctx: StageContext) -> Manifest:

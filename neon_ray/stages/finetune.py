@@ -17,9 +17,10 @@ from collections.abc import Iterator
 import torch
 
 from .. import storage
-from ..config import FinetuneConfig, RunConfig
+from ..config import FinetuneConfig
 from ..context import StageContext
 from ..errors import NeonError
+from ..inputs import BASE, StageInputs
 from ..manifest import Manifest
 from ..models.checkpoint import save_checkpoint_streaming
 from ..runtime.checkpoints import dataset_of, load_model, set_torch_threads, spec_of, train_images_of
@@ -32,8 +33,8 @@ log = logging.getLogger("neon_ray")
 MODEL = "model.safetensors"
 
 
-def config_parts(cfg: RunConfig) -> tuple:
-    return (cfg.seed, cfg.finetune.hash_parts())
+INPUTS = StageInputs(fields=("seed", "model.family", "model.preset", "model.options", "model.base_train_images", "finetune"),
+                     derived=("data_spec",), needs=(BASE, "generate"))
 
 
 def plan(f: FinetuneConfig) -> dict:

@@ -6,8 +6,9 @@ Class-balanced labels (image i has class i mod K) and per-image seeds keyed by (
 from __future__ import annotations
 
 from .. import storage
-from ..config import GenerateConfig, RunConfig
+from ..config import GenerateConfig
 from ..context import StageContext
+from ..inputs import BASE, StageInputs
 from ..manifest import Manifest
 from ..runtime.checkpoints import dataset_of, load_model, spec_of
 from ..runtime.cluster import ensure_ray
@@ -16,10 +17,8 @@ from ..runtime.sampling import sample_to_parquet
 STREAM = "synthetic"
 
 
-def config_parts(cfg: RunConfig) -> tuple:
-    g = cfg.generate
-    return (cfg.seed, cfg.data.name, cfg.model.family, cfg.model.preset, cfg.model.options, cfg.sampler, g.num_samples,
-            g.batch_size, g.bf16)
+INPUTS = StageInputs(fields=("seed", "model.family", "model.preset", "model.options", "sampler", "generate"), derived=("data_spec",),
+                     needs=(BASE,))
 
 
 def run(section: GenerateConfig, ctx: StageContext) -> Manifest:

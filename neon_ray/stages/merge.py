@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from .. import storage
-from ..config import MergeConfig, RunConfig
+from ..config import MergeConfig
 from ..context import StageContext
+from ..inputs import BASE, StageInputs
 from ..manifest import Manifest
 from ..merge import merge_uris
 
-
-def config_parts(cfg: RunConfig) -> tuple:
-    return (cfg.merge.w, cfg.merge.allow_negative_w)
+INPUTS = StageInputs(fields=("merge",), needs=(BASE, "finetune"))
 
 
 def run(section: MergeConfig, ctx: StageContext) -> Manifest:

@@ -13,9 +13,10 @@ import time
 import torch
 
 from .. import storage
-from ..config import DataConfig, PretrainConfig, RunConfig
+from ..config import DataConfig, PretrainConfig
 from ..context import StageContext
 from ..data import get_dataset
+from ..inputs import StageInputs
 from ..manifest import Manifest
 from ..models.checkpoint import save_checkpoint
 from ..runtime.checkpoints import dataset_of, family_for, set_torch_threads, spec_of
@@ -28,8 +29,7 @@ log = logging.getLogger("neon_ray")
 BASE_MODEL = "model.safetensors"
 
 
-def config_parts(cfg: RunConfig) -> tuple:
-    return (cfg.seed, cfg.data, cfg.model.family, cfg.model.preset, cfg.model.options, cfg.pretrain.hash_parts())
+INPUTS = StageInputs(fields=("seed", "model.family", "model.preset", "model.options", "pretrain"), derived=("dataset", "data_spec"))
 
 
 def run(p: PretrainConfig, ctx: StageContext) -> Manifest:

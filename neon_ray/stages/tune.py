@@ -11,36 +11,38 @@ from __future__ import annotations
 import logging
 
 from .. import storage
-from ..config import RunConfig, TuneConfig, fingerprint
+from ..config import RunConfig, TuneConfig
 from ..context import StageContext
 from ..errors import NeonError
+from ..inputs import BASE, StageInputs, fingerprint_inputs
 from ..manifest import Manifest
 from ..runtime.checkpoints import dataset_of, spec_of
 from ..runtime.cluster import ensure_ray
-from ..scoring import extractor_fingerprint, reference_statistics, reference_uri, require_reference
+from ..scoring import reference_statistics, reference_uri, require_reference
 
 log = logging.getLogger("neon_ray")
 
 
-def trial_parts(cfg: RunConfig) -> tuple:
-    """What one trial's score depends on besides θ_base, θ_ft, its w and its sampler fields (those name its folder)."""
-    return (cfg.scoring_sampler(), cfg.evaluate.hash_parts(), extractor_fingerprint(cfg), cfg.generate.bf16,
-            cfg.tune.allow_negative_w)
-
-
-def config_parts(cfg: RunConfig) -> tuple:
-    """The stage is current only for the search it ran; a changed search reruns it (scoring only what is new)."""
-    return (cfg.tune.hash_parts(), *trial_parts(cfg))
+# What one trial's score depends on besides its w and its sampler fields (those name its folder): a trial scored
+# under the same fingerprint is reused by a later search.
+TRIAL_INPUTS = StageInputs(fields=("model.family", "model.preset", "model.options", "evaluate", "generate.batch_size",
+                                   "generate.bf16", "tune.allow_negative_w"),
+                           derived=("dataset", "data_spec", "scoring_sampler", "extractor"), needs=(BASE, "finetune"))
+# The stage is current only for the search it ran; a changed search reruns it (scoring only what is new).
+# `seed`: Optuna's sampler seed.
+INPUTS = TRIAL_INPUTS | StageInputs(fields=("seed", "tune"))
 
 
 def run(section: TuneConfig, ctx: StageContext) -> Manifest:
     cfg = ctx.cfg
     base, finetuned = ctx.input_uri("base"), ctx.input_uri("finetune")
-    trial_hash = fingerprint("tune-trial", *trial_parts(cfg), ctx.upstream_hashes["base"], ctx.upstream_hashes["finetune"])
+    trial_hash = fingerprint_inputs(cfg, "tune-trial", TRIAL_INPUTS, ctx.upstream_hashes)
     require_reference(cfg)
     rec = ctx.start()
     ensure_ray(cfg.ray)
-    from tuning import headline  # imports Ray Tune: after ensure_ray has set the workers' environment
+    from tuning import (
+        headline,  # imports Ray Tune: after ensure_ray has set the workers' environment
+    )
     from tuning.search import flat, pick, run_search
     from tuning.trainable import MODEL, trial_dir
 
@@ -60,7 +62,7 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
         final = {"base": headline.rescore(cfg, base_trial, base, rec.dir, reference, trial_hash),
                  "neon": headline.rescore(cfg, best, best_model, rec.dir, reference, trial_hash)}
         final["comparison"] = headline.compare(final["base"], final["neon"])
-        final["second_space"] = headline.in_second_space(cfg, final, rec.dir)
+        final["second_space"] = headline.in_second_space(cfg, final, rec.dir, trial_hash)
     rows = [flat(t) for t in trials]
     top = flat(best)
     rec.inputs = {"base_checkpoint": base, "finetuned": finetuned, "reference": reference_uri(cfg)}
