@@ -263,7 +263,7 @@ def _images(cfg: RunConfig, m: dict[str, Manifest], summary: dict, tmp: str) -> 
     base_fid = m["evaluate"].metrics["fid"] if not searched_base and evaluated_at else None  # only at the curves' n
     files = {"samples_base_vs_neon.png": grid,
              "fid_vs_w.png": save_fid_curves(summary["trials"], os.path.join(tmp, "fid_vs_w.png"), f"FID vs w: {model}",
-                                             base_fid=base_fid, best=best)}
+                                             base_fid=base_fid, best=best, headline=final)}
     heat = save_fid_heatmap(summary["trials"], os.path.join(tmp, "fid_heatmap.png"), f"FID over the search: {model}", best=best)
     if heat:
         files["fid_heatmap.png"] = heat

@@ -41,20 +41,40 @@ def save_comparison_grid(base_uri: str, neon_uri: str, path: str, title: str, ro
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 5.4), dpi=110, sharex=kind == "vector", sharey=kind == "vector")
     for ax, uri, name in ((axes[0], base_uri, "base"), (axes[1], neon_uri, "Neon")):
-        if kind == "vector":
-            pts = sample_points(uri, 5000)
-            ax.scatter(pts[:, 0], pts[:, 1] if pts.shape[1] > 1 else np.zeros(len(pts)), s=2, alpha=0.4)
-            ax.set_aspect("equal")
-        else:
-            g = sample_grid(uri, rows, cols)
-            ax.imshow(g[0] if g.shape[0] == 1 else np.transpose(g, (1, 2, 0)), cmap="gray", vmin=0, vmax=255)
-            ax.axis("off")
+        _draw_samples(ax, uri, kind, rows, cols)
         ax.set_title(name)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def save_sample_grid(samples_uri: str, path: str, title: str, rows: int = 4, cols: int = 8, kind: str = "image") -> str:
+    """The first samples of one set (a search trial's, say): an image grid, or a scatter for vector data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(cols * 0.6 + 0.4, rows * 0.6 + 0.6) if kind != "vector" else (4, 4), dpi=110)
+    _draw_samples(ax, samples_uri, kind, rows, cols, points=2000)
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _draw_samples(ax, uri: str, kind: str, rows: int, cols: int, points: int = 5000) -> None:
+    if kind == "vector":
+        pts = sample_points(uri, points)
+        ax.scatter(pts[:, 0], pts[:, 1] if pts.shape[1] > 1 else np.zeros(len(pts)), s=2, alpha=0.4)
+        ax.set_aspect("equal")
+    else:
+        g = sample_grid(uri, rows, cols)
+        ax.imshow(g[0] if g.shape[0] == 1 else np.transpose(g, (1, 2, 0)), cmap="gray", vmin=0, vmax=255)
+        ax.axis("off")
 
 
 def _first_rung(trials: list[dict]) -> tuple[int, list[tuple[dict, float]]]:
@@ -76,9 +96,12 @@ def _picked(points: list[tuple[dict, float]], best: dict | None) -> tuple[dict, 
     return min(points, key=lambda p: p[1])
 
 
-def save_fid_curves(trials: list[dict], path: str, title: str, base_fid: float | None = None, best: dict | None = None) -> str:
+def save_fid_curves(trials: list[dict], path: str, title: str, base_fid: float | None = None, best: dict | None = None,
+                    headline: dict | None = None) -> str:
     """FID against w at the first rung, one curve per sampler setting (w = 0 is the base at that setting), the
-    real-vs-real floor at that n as a line, the best starred. `base_fid`: a base scored outside the search."""
+    real-vs-real floor at that n as a line, the best starred. Settings tried at one w only (a searcher that draws
+    sampler values from a range) are points coloured by their value rather than one-point curves. `base_fid`: a base
+    scored outside the search; `headline`: the rescored pair (tune's `final`), drawn as mean ± sd over its seed sets."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -86,13 +109,21 @@ def save_fid_curves(trials: list[dict], path: str, title: str, base_fid: float |
 
     n, points = _first_rung(trials)
     floor = next((f for t, _ in points if (f := (t.get("floor_by_n") or {}).get(str(n))) is not None), None)
-    groups: dict[str, list[tuple[float, float]]] = {}
+    groups: dict[str, list[tuple[float, float, dict]]] = {}
     for t, fid in points:
-        groups.setdefault(_setting_name(t["sampler"]), []).append((t["w"], fid))
+        groups.setdefault(_setting_name(t["sampler"]), []).append((t["w"], fid, t["sampler"]))
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+    singles = []
     for name, pts in sorted(groups.items()):
-        pts.sort()
+        if len(pts) == 1:
+            singles.append(pts[0])
+            continue
+        pts.sort(key=lambda p: p[0])
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=name)
+    if singles:
+        _scatter_settings(fig, ax, singles)
+    if headline:
+        _rescored(ax, headline)
     if base_fid is not None:
         ax.axhline(base_fid, color="gray", linestyle="--", label="base (w = 0)")
     if floor is not None:
@@ -109,42 +140,79 @@ def save_fid_curves(trials: list[dict], path: str, title: str, base_fid: float |
     return path
 
 
+def _scatter_settings(fig, ax, singles: list[tuple[float, float, dict]]) -> None:
+    """Sampler settings scored at one w each: coloured by the searched field's value when there is one numeric field."""
+    fields = sorted({k for _, _, s in singles for k in s})
+    numeric = len(fields) == 1 and all(isinstance(s.get(fields[0]), (int, float)) for _, _, s in singles)
+    xs, ys = [p[0] for p in singles], [p[1] for p in singles]
+    if numeric:
+        sc = ax.scatter(xs, ys, c=[float(s[fields[0]]) for _, _, s in singles], cmap="plasma", s=28, zorder=3,
+                        label="one w per setting")
+        fig.colorbar(sc, ax=ax, label=fields[0])
+    else:
+        ax.scatter(xs, ys, color="tab:gray", s=28, zorder=3, label="one w per setting")
+
+
+def _rescored(ax, headline: dict) -> None:
+    """The rescored base and Neon picks: mean ± sd of FID over tune.final_seeds fresh seed sets (at their own n)."""
+    for arm, colour in (("base", "tab:blue"), ("neon", "tab:red")):
+        row = headline.get(arm) or {}
+        if row.get("fid_mean") is None:
+            continue
+        w = row.get("w", 0.0)
+        ax.errorbar([w], [row["fid_mean"]], yerr=[row.get("fid_sd") or 0.0], fmt="D", color=colour, capsize=4, zorder=4,
+                    label=f"{arm} rescored (n = {row.get('n')}, {len(row.get('fids') or [])} seed sets, mean ± sd)")
+
+
 def save_fid_heatmap(trials: list[dict], path: str, title: str, best: dict | None = None) -> str | None:
-    """FID over (w, the one searched sampler field): every trial a coloured cell with its FID, the best circled.
-    None when no, or more than one, sampler field was searched."""
-    fields = sorted({k for t in trials for k in t["sampler"]})
-    if len(fields) != 1:
+    """FID over (w, a searched sampler field), one panel per field: every cell coloured by its FID (with several
+    fields, the lowest FID over the other fields' values at that cell), the pick circled. None when no sampler field
+    was searched."""
+    fields = sorted({k for t in trials for k in t["sampler"] if isinstance(t["sampler"][k], (int, float))})
+    if not fields:
         return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    n, points = _first_rung(trials)
+    best_t, _ = _picked(points, best)
+    fig, axes = plt.subplots(1, len(fields), figsize=(6.4 * len(fields), 4.6), dpi=110, squeeze=False)
+    for ax, field in zip(axes[0], fields):
+        cells: dict[tuple[float, float], float] = {}
+        for t, fid in points:
+            if field in t["sampler"]:
+                cell = (t["w"], float(t["sampler"][field]))
+                cells[cell] = min(fid, cells.get(cell, fid))
+        _heat_panel(fig, ax, cells, field, n, (best_t["w"], float(best_t["sampler"].get(field, np.nan))),
+                    others=len(fields) > 1)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _heat_panel(fig, ax, cells: dict[tuple[float, float], float], field: str, n: int, pick: tuple[float, float],
+                others: bool) -> None:
     from matplotlib.colors import LogNorm
 
-    field = fields[0]
-    n, points = _first_rung(trials)
-    xs = np.array([t["w"] for t, _ in points], float)
-    ys = np.array([float(t["sampler"][field]) for t, _ in points])
-    fids = np.array([f for _, f in points])
-    fig, ax = plt.subplots(figsize=(6.4, 4.6), dpi=110)
+    xs = np.array([c[0] for c in cells], float)
+    ys = np.array([c[1] for c in cells], float)
+    fids = np.array(list(cells.values()), float)
     positive = fids[fids > 0]
     norm = LogNorm(vmin=positive.min(), vmax=positive.max()) if len(positive) == len(fids) and positive.min() < positive.max() else None
     sc = ax.scatter(xs, ys, c=fids, s=520, marker="s", cmap="viridis_r", norm=norm, edgecolors="white")
     for x, y, f in zip(xs, ys, fids):
         ax.annotate(f"{f:.4g}", (x, y), ha="center", va="center", fontsize=6, color="black",
                     bbox=dict(boxstyle="round,pad=0.1", fc="white", alpha=0.6, lw=0))
-    best_t, _ = _picked(points, best)
-    bx, by = best_t["w"], float(best_t["sampler"][field])
-    ax.scatter([bx], [by], s=1100, facecolors="none", edgecolors="red", linewidths=2, label=f"picked: w = {bx:.3g}, {field} = {by:.3g}")
-    fig.colorbar(sc, ax=ax, label=f"FID (n = {n})")
+    ax.scatter([pick[0]], [pick[1]], s=1100, facecolors="none", edgecolors="red", linewidths=2,
+               label=f"picked: w = {pick[0]:.3g}, {field} = {pick[1]:.3g}")
+    fig.colorbar(sc, ax=ax, label=f"FID (n = {n}){', best over the other fields' if others else ''}")
     ax.set_xlabel("w (0 = base)")
     ax.set_ylabel(field)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13))
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), markerscale=0.3)
 
 
 def _settings(settings: dict) -> str:

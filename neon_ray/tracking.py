@@ -119,6 +119,32 @@ def registered_model_name(cfg: RunConfig) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
+class MetricsSink:
+    """Logs metrics to one MLflow run from another process (Ray Train's controller): picklable, it opens its own
+    client there. A failure to log is reported once and never stops training."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id, self._client, self._failed = tracking_uri, run_id, None, False
+
+    def __getstate__(self) -> dict:
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None, "_failed": False}
+
+    def __call__(self, metrics: dict, step: int) -> None:
+        if self._failed:
+            return
+        try:
+            from mlflow.entities import Metric
+            from mlflow.tracking import MlflowClient
+
+            self._client = self._client or MlflowClient(tracking_uri=self.tracking_uri)
+            now = int(time.time() * 1000)
+            self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in numeric(metrics).items()])
+        except Exception as exc:  # noqa: BLE001 - live metrics are a convenience; the stage logs its history at the end
+            self._failed = True
+            log.warning("MLflow: live metrics of run %s stopped (%s); the full curve is logged when the stage ends",
+                        self.run_id, type(exc).__name__)
+
+
 class Tracker:
     """The output's parent run and its children; every method is a no-op when `mlflow.enabled` is false."""
 
@@ -127,6 +153,7 @@ class Tracker:
         self.enabled = cfg.mlflow.enabled
         self.parent_id: str | None = None
         self.state: dict[str, Any] = {}
+        self._system_metrics: dict[str, Any] = {}  # stage run id → MLflow's system-metrics monitor of that run
         if not self.enabled:
             return
         # MLflow prints "View run at <tracking URI>" links: the URI may carry credentials, and logs are no place for them.
@@ -238,6 +265,8 @@ class Tracker:
 
     def end_child(self, run_id: str | None, ok: bool) -> None:
         if self.enabled and run_id is not None:
+            if (monitor := self._system_metrics.pop(run_id, None)) is not None:
+                monitor.finish()
             self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
 
     def find_child(self, parent: str | None, tags: dict[str, str], unfinished: bool = False) -> str | None:
@@ -264,7 +293,30 @@ class Tracker:
         return run
 
     def start_stage(self, stage: str, config_hash: str) -> str | None:
-        return self.resume_child(stage, None, {"stage": stage, "config_hash": config_hash}, key=("stage", "config_hash"))
+        run = self.resume_child(stage, None, {"stage": stage, "config_hash": config_hash}, key=("stage", "config_hash"))
+        if run is not None:
+            self._monitor_system(run)
+        return run
+
+    def _monitor_system(self, run_id: str) -> None:
+        """MLflow's system metrics (CPU, memory, disk, network, GPUs) of the driver's node while a stage runs."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # start/stop lines per stage
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True, tracking_uri=self.uri)
+            monitor.start()
+        except Exception as exc:  # noqa: BLE001 - psutil missing, an unsupported platform: the stage runs without them
+            log.debug("MLflow system metrics unavailable (%s)", exc)
+            return
+        self._system_metrics[run_id] = monitor
+
+    def live_metrics(self, run_id: str | None) -> MetricsSink | None:
+        """A sink for a stage's metrics as they arrive from Ray Train (None when tracking is off). A tracking URI with
+        credentials in it is not handed to another process: then the curve is logged when the stage ends."""
+        if not self.enabled or run_id is None or redact(self.uri) != self.uri:
+            return None
+        return MetricsSink(self.uri, run_id)
 
     def finish_stage(self, run_id: str | None, manifest: Manifest) -> None:
         """Params, metrics, loss curve and the manifest of a finished stage, then close its run."""
@@ -273,7 +325,8 @@ class Tracker:
         self.log_params(run_id, manifest.params | {f"input.{k}": v for k, v in manifest.inputs.items()})
         self.log_metrics(run_id, {k: v for k, v in manifest.metrics.items() if k != "trials"} | {"wall_seconds": manifest.wall_seconds})
         history = manifest.outputs.get("history")
-        if history and storage.exists(uri := storage.resolve(self.cfg.output, history)):
+        logged_live = bool(self.client.get_metric_history(run_id, "loss"))
+        if history and not logged_live and storage.exists(uri := storage.resolve(self.cfg.output, history)):
             from mlflow.entities import Metric
 
             now = int(time.time() * 1000)
@@ -321,6 +374,29 @@ class Tracker:
         version = self.client.create_model_version(name, source=info.model_uri, run_id=run_id, tags=tags, model_id=info.model_id).version
         log.info("MLflow: registered %s version %s (%s)", name, version, ", ".join(f"{k}={v}" for k, v in metadata.items() if k in ("w", "fid")))
         return {"name": name, "version": str(version)}
+
+    def annotate_trials(self, tune_run: str | None, rows: list[dict], rungs: list[int], winner_key: str | None,
+                        grids: dict[str, str]) -> None:
+        """After a search: each trial run tagged with its status (`completed`: scored at the last rung, else
+        `stopped`), the largest n it was scored at and whether it is the registered pick, with its sample grid; the
+        trial table as an MLflow table artifact of the tune stage's run (`trials.json`)."""
+        if not self.enabled or tune_run is None:
+            return
+        for row in rows:
+            run = self.find_child(tune_run, {"stage": "tune-trial", "trial_key": row["key"]})
+            if run is None:
+                continue  # a trial scored by an earlier search of this output, before trial runs carried their key
+            last = max(int(n) for n in row["fid_by_n"])
+            self.client.set_tag(run, "trial.status", "completed" if last >= rungs[-1] else "stopped")
+            self.client.set_tag(run, "trial.rung", str(last))
+            self.client.set_tag(run, "trial.winner", str(row["key"] == winner_key).lower())
+            if row["key"] in grids:
+                self.client.log_artifact(run, grids[row["key"]])
+        table = {"key": [r["key"] for r in rows], "w": [r["w"] for r in rows],
+                 **{f"sampler.{k}": [r["sampler"].get(k) for r in rows] for k in sorted({k for r in rows for k in r["sampler"]})},
+                 **{f"fid_n{n}": [r["fid_by_n"].get(str(n)) for r in rows] for n in rungs},
+                 "rung": [max(int(n) for n in r["fid_by_n"]) for r in rows], "winner": [r["key"] == winner_key for r in rows]}
+        self.client.log_table(tune_run, data=table, artifact_file="trials.json")
 
     def ui_hint(self) -> str:
         if not self.enabled:

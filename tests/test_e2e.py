@@ -41,9 +41,18 @@ def check_mlflow(output, expected_stages=STAGES) -> None:
     assert sorted(r.data.tags.get("stage") for r in children) == sorted(expected_stages)
     tune_run = next(r for r in children if r.data.tags["stage"] == "tune")
     trials = [r for r in runs if r.data.tags.get("stage") == "tune-trial"]
-    assert len(trials) >= 2 and all("fid" in r.data.metrics and r.data.tags["mlflow.parentRunId"] == tune_run.info.run_id for r in trials), \
+    # FID under a key per sample count (views compare trials at equal n only), never one key mixing rungs.
+    assert len(trials) >= 2 and all(any(k.startswith("fid_n") for k in r.data.metrics) and "fid" not in r.data.metrics
+                                    and r.data.tags["mlflow.parentRunId"] == tune_run.info.run_id for r in trials), \
         [(r.info.run_name, r.info.status, sorted(r.data.metrics), r.data.tags["mlflow.parentRunId"] == tune_run.info.run_id) for r in trials]
     assert len({r.data.tags["trial_id"] for r in trials}) == len(trials)  # a resumed trial too
+    # Each trial says how it ended and where; one is the winner; each has its sample grid; the table is on the stage.
+    assert all(r.data.tags.get("trial.status") in ("completed", "stopped") and f"fid_n{r.data.tags['trial.rung']}" in r.data.metrics
+               for r in trials), [sorted(r.data.tags) for r in trials]
+    assert [r.data.tags["trial.winner"] for r in trials].count("true") == 1
+    assert all("samples.png" in {a.path for a in client.list_artifacts(r.info.run_id)} for r in trials)
+    assert "trials.json" in {a.path for a in client.list_artifacts(tune_run.info.run_id)}
+    assert any(k.startswith("system/") for k in tune_run.data.metrics), sorted(tune_run.data.metrics)  # MLflow's system metrics
     assert "fid_base" in parent.data.metrics and "fid_neon" in parent.data.metrics
     arts = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/samples_base_vs_neon.png", "plots/fid_vs_w.png"} <= arts, arts

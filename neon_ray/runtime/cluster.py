@@ -41,6 +41,8 @@ def ensure_ray(cfg) -> None:
 
     if ray.is_initialized():
         return
+    # Ray's notice that token authentication is on (its default) asks nothing of the user.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     DataContext.get_current().enable_progress_bars = env[INTERACTIVE_ENV] == "1"
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     field = "ray.address" if cfg.address else "RAY_ADDRESS"

@@ -48,15 +48,46 @@ def host_memory_env(parameters: int) -> dict[str, str]:
     return {"MALLOC_MMAP_THRESHOLD_": threshold, "MALLOC_TRIM_THRESHOLD_": threshold}
 
 
-def train_run_config(name: str, storage_uri: str, max_failures: int, worker_env: dict[str, str] | None = None):
+def train_run_config(name: str, storage_uri: str, max_failures: int, worker_env: dict[str, str] | None = None,
+                     reports_to=None):
     """A Ray Train RunConfig whose state lives under `storage_uri` (the stage's folder on the output); `worker_env`:
-    environment variables of the training workers (set when their processes start)."""
-    from ray.train import CheckpointConfig, FailureConfig
+    environment variables of the training workers (set when their processes start); `reports_to`: a picklable
+    callable(metrics, step) that receives rank 0's reports as they arrive (e.g. neon_ray.tracking.MetricsSink)."""
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig
     from ray.train import RunConfig as TrainRunConfig
 
     extra = {"worker_runtime_env": {"env_vars": worker_env}} if worker_env else {}
+    if reports_to is not None:
+        extra["callbacks"] = [forward_reports(reports_to)]
+    # Ray Train's own INFO lines (a line per reported checkpoint, worker-group start-up, resource requests) flood a
+    # log; its warnings and errors stay, and the stages print their own throttled progress.
     return TrainRunConfig(name=name, failure_config=FailureConfig(max_failures=max_failures),
-                          checkpoint_config=CheckpointConfig(num_to_keep=2), **ray_storage(storage_uri), **extra)
+                          checkpoint_config=CheckpointConfig(num_to_keep=2), logging_config=LoggingConfig(log_level="WARNING"),
+                          **ray_storage(storage_uri), **extra)
+
+
+def quiet_worker_logs() -> None:
+    """Call first in a Ray Train loop: Ray Train's worker logs a line per report ("Reporting training result ...")
+    through a logger named by its file's path rather than `ray.train...`, so LoggingConfig's level misses it."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
+def forward_reports(sink):
+    """A Ray Train callback (it runs in the train controller, on the driver's node) handing rank 0's reported
+    metrics to `sink(metrics, step)`: the fine-tune's loss curve appears while it runs."""
+    from ray.train import UserCallback
+
+    class ForwardReports(UserCallback):
+        def __init__(self, sink):
+            self.sink = sink
+
+        def after_report(self, run_context, metrics, checkpoint):
+            if metrics and "step" in metrics[0]:
+                self.sink({k: v for k, v in metrics[0].items() if k != "step"}, int(metrics[0]["step"]))
+
+    return ForwardReports(sink)
 
 
 def fresh_start(storage_uri: str, name: str) -> None:

@@ -8,6 +8,8 @@ resolution, and a large model's fp32 weights are never held whole beside its tra
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import math
 import os
@@ -75,7 +77,8 @@ def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
         scaling_config=ScalingConfig(num_workers=f.workers, use_gpu=use_gpu, resources_per_worker={"CPU": f.cpus_per_worker},
                                      placement_strategy=f.placement_strategy),
         run_config=train_run_config(name, ray_dir, f.max_failures,
-                                    worker_env=None if use_gpu else host_memory_env(parameter_count(spec_of(cfg)))),
+                                    worker_env=None if use_gpu else host_memory_env(parameter_count(spec_of(cfg))),
+                                    reports_to=ctx.tracker.live_metrics(ctx.run_id) if ctx.tracker is not None else None),
     )
     fit(trainer, "finetune", f.max_failures, out_of_memory=OOM_HINT)
     summary = storage.read_json(storage.join(rec.dir, "train_summary.json"))
@@ -193,10 +196,14 @@ def _finetune_loop(loop_cfg: dict) -> None:
 
     from ..data.codec import CODECS
     from ..runtime.shards import SampleShard
-    from ..runtime.train import UnusableCheckpoint, report_deepspeed, restore_deepspeed
+    from ..runtime.train import UnusableCheckpoint, quiet_worker_logs, report_deepspeed, restore_deepspeed
 
+    quiet_worker_logs()
     if not loop_cfg["use_gpu"]:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # torch's extension loader warns "No CUDA runtime is found" on a machine with a CUDA toolkit but no GPU: a CPU
+        # worker is meant to have none.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
     import deepspeed
 
     f = FinetuneConfig.model_validate(loop_cfg["section"])
@@ -215,8 +222,10 @@ def _finetune_loop(loop_cfg: dict) -> None:
         net.train()
         opt = torch.optim.AdamW(net.parameters(), lr=f.lr, weight_decay=f.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, p["warmup_steps"]))
-        engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched,
-                                               config=deepspeed_config(f, p["micro_batch"]), dist_init_required=False)
+        # DeepSpeed prints "... shm_comm_op built successfully" (a bare print) each time its comm backend starts.
+        with contextlib.redirect_stdout(io.StringIO()):
+            engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched,
+                                                   config=deepspeed_config(f, p["micro_batch"]), dist_init_required=False)
         return family, net, engine, sched
 
     family, net, engine, sched = engine_from_base()
@@ -250,8 +259,12 @@ def _finetune_loop(loop_cfg: dict) -> None:
             history.append({"step": done, "loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0]})
             if rank == 0:
                 shown.update(f"[finetune] step {done}/{p['steps']} loss {history[-1]['loss']:.4f}", final=done == p["steps"])
+            checkpoint_now = done % f.checkpoint_every == 0 and done < p["steps"]
+            if not checkpoint_now:  # every rank reports at the same steps (a report is collective); the driver logs rank 0's
+                ray.train.report(history[-1] | {"images_per_second": (done - start) * f.batch_size / max(time.time() - t0, 1e-9)})
         if done % f.checkpoint_every == 0 and done < p["steps"]:
-            report_deepspeed(engine, {"step": done, "loss": sum(losses) / len(losses)},
+            report_deepspeed(engine, {"step": done, "loss": sum(losses) / len(losses), "lr": sched.get_last_lr()[0],
+                                      "images_per_second": (done - start) * f.batch_size / max(time.time() - t0, 1e-9)},
                              {"step": done, "losses": losses, "history": history, "initial_loss": initial, "config_hash": h})
     seconds = time.time() - t0
 

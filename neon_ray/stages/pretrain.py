@@ -68,8 +68,9 @@ def _train_loop(loop_cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from ..runtime.train import report_state, restored_state
+    from ..runtime.train import quiet_worker_logs, report_state, restored_state
 
+    quiet_worker_logs()
     p = PretrainConfig.model_validate(loop_cfg["section"])
     data = DataConfig.model_validate(loop_cfg["data"])
     stage_dir, h, seed = loop_cfg["stage_dir"], loop_cfg["config_hash"], loop_cfg["seed"]

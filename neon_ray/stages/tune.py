@@ -9,6 +9,8 @@ and registered in MLflow; the others are one `neon-ray merge` away.
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 
 from .. import storage
 from ..config import RunConfig, TuneConfig
@@ -75,6 +77,10 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
     rec.params = {"search": section.search, "scheduler": section.scheduler, "rungs": cfg.search_rungs(),
                   "space": {k: v.model_dump(exclude_none=True) for k, v in section.space.items()} or {"w": list(section.w_grid)},
                   "final_seeds": section.final_seeds, "max_concurrent_trials": section.max_concurrent_trials}
+    if ctx.tracker is not None and ctx.tracker.enabled:
+        with tempfile.TemporaryDirectory(prefix="neon-trial-grids-") as tmp:
+            grids = _trial_grids(cfg, rows, tmp)
+            ctx.tracker.annotate_trials(ctx.run_id, rows, cfg.search_rungs(), best["key"], grids)
     if ctx.tracker is not None:
         settings = _settings(cfg, best)
         registered = ctx.tracker.register_model(
@@ -84,6 +90,20 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
         if registered:
             rec.params |= {"registered_model": registered["name"], "registered_version": registered["version"]}
     return rec.finish()
+
+
+def _trial_grids(cfg: RunConfig, rows: list[dict], tmp: str) -> dict[str, str]:
+    """A small grid of each trial's first samples (the same seeds and labels for every trial), for its MLflow run."""
+    from ..report import save_sample_grid
+
+    kind = dataset_of(cfg).kind
+    grids = {}
+    for i, row in enumerate(rows):
+        path = os.path.join(tmp, f"trial-{i}", "samples.png")
+        os.makedirs(os.path.dirname(path))
+        grids[row["key"]] = save_sample_grid(storage.resolve(cfg.output, row["samples"]), path,
+                                             f"{row['key']}  FID {row['fid']:.4g} (n = {row['n']})", kind=kind)
+    return grids
 
 
 def _settings(cfg: RunConfig, trial: dict):
