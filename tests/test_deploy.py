@@ -11,11 +11,15 @@ from __future__ import annotations
 import copy
 import fnmatch
 import json
+import os
 import re
+import secrets
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 import zipfile
 from functools import cache
 from pathlib import Path
@@ -269,3 +273,150 @@ def test_ray_cluster_yaml_runs_the_image_with_a_scoped_worker_role():
     assert resources == {"arn:aws:s3:::BUCKET", "arn:aws:s3:::BUCKET/*"}  # the output bucket, nothing else
     assert all(s["Effect"] == "Allow" and all(a.startswith("s3:") for a in s["Action"]) for s in policy["Statement"])
     assert not any(cmd for cmd in cluster.get("setup_commands", []) if "pip install" in cmd)  # the image has everything
+
+
+# ----------------------------------------------------------------------------------------------
+# A local output on a cluster of several nodes: refused at once, on a real two-node Ray cluster
+
+
+NETNS: list[str] = []  # ["ip", "netns", "exec", <name>]: the cluster and its drivers live in a loopback-only namespace
+
+
+def _in_netns(*cmd: str) -> list[str]:
+    return [*NETNS, *cmd]
+
+
+@pytest.fixture(scope="module")
+def split_cluster(tmp_path_factory):
+    """A head and a worker node (1 CPU each) on loopback, where the worker sees an empty tmpfs at `private`:
+    a folder there is local to the head, as a pod's or a VM's disk is; `shared` is the same folder on both."""
+    from _servers import free_port
+    from _support import cli_env
+    from test_zz_job_submit import _kill_cluster, _node_ports
+
+    ray_exe = str(Path(sys.executable).with_name("ray"))
+    base = tmp_path_factory.mktemp("split")
+    private, shared = base / "private", base / "shared"
+    private.mkdir()
+    shared.mkdir()
+    env = cli_env({"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
+                   "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "MLFLOW_TRACKING_URI": ""})
+    env.pop("RAY_ADDRESS", None)
+    temp_dir = tempfile.mkdtemp(prefix="nrd-", dir="/tmp")
+    namespace = os.path.basename(temp_dir)
+    made = subprocess.run(["ip", "netns", "add", namespace], capture_output=True, text=True)
+    assert made.returncode == 0, f"cannot create a network namespace for the test cluster: {made.stderr}"
+    NETNS[:] = ["ip", "netns", "exec", namespace]
+    port = free_port()
+    try:
+        subprocess.run(_in_netns("ip", "link", "set", "lo", "up"), check=True, timeout=30)
+        head = subprocess.run(_in_netns(ray_exe, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                                        "--num-cpus=1", f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
+                                        "--disable-usage-stats", *_node_ports()),
+                              capture_output=True, text=True, env=env, timeout=180)
+        assert head.returncode == 0, head.stdout + head.stderr
+        # The worker node in a mount namespace of its own, with `private` hidden under an empty tmpfs.
+        start = shlex.join([ray_exe, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--temp-dir={temp_dir}-worker",
+                            "--disable-usage-stats", *_node_ports()])
+        worker = subprocess.run(_in_netns("unshare", "--mount", "--propagation", "private", "sh", "-c",
+                                          f"mount -t tmpfs tmpfs {shlex.quote(str(private))} && exec {start}"),
+                                capture_output=True, text=True, env=env, timeout=180)
+        assert worker.returncode == 0, worker.stdout + worker.stderr
+        env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
+        waited = subprocess.run(_in_netns(sys.executable, "-c", _WAIT_FOR_TWO_NODES), capture_output=True, text=True,
+                                env=env, timeout=180)
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+        yield {"env": env, "private": private, "shared": shared}
+    finally:
+        _kill_cluster(temp_dir)
+        subprocess.run(["ip", "netns", "del", namespace], check=False, capture_output=True)
+        NETNS.clear()
+
+
+_WAIT_FOR_TWO_NODES = """
+import time, ray
+ray.init(logging_level="ERROR")
+deadline = time.time() + 120
+while len([n for n in ray.nodes() if n["Alive"]]) < 2:
+    assert time.time() < deadline, ray.nodes()
+    time.sleep(0.5)
+"""
+
+_CHECK = """
+import json, sys
+from neon_ray.config import RayConfig
+from neon_ray.errors import NeonError
+from neon_ray.runtime.cluster import check_output_on_every_node
+
+outcome = {}
+for path in sys.argv[1:]:
+    try:
+        check_output_on_every_node(path, RayConfig())
+        outcome[path] = "ok"
+    except NeonError as exc:
+        outcome[path] = str(exc)
+print(json.dumps(outcome))
+"""
+
+
+@pytest.mark.slow
+def test_the_node_probe_tells_a_shared_folder_from_a_local_one(split_cluster):
+    """The check itself, as a driver joining through $RAY_ADDRESS calls it: the shared folder passes, the head's
+    own folder does not, and no probe file stays behind."""
+    env, private, shared = split_cluster["env"], split_cluster["private"], split_cluster["shared"]
+    ran = subprocess.run(_in_netns(sys.executable, "-c", _CHECK, str(shared), str(private)), capture_output=True, text=True,
+                         env=env, timeout=300)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    outcome = json.loads(ran.stdout.strip().splitlines()[-1])
+    assert outcome[str(shared)] == "ok"
+    assert outcome[str(private)].startswith(f"output: {private} is a local folder that 1 of the 2 nodes")
+    assert list(shared.iterdir()) == [] and list(private.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("given", [True, False], ids=["--output local", "no --output"])
+def test_neon_ray_run_refuses_a_local_output_on_two_nodes(split_cluster, given):
+    """`neon-ray run` joined to the two-node cluster with a local output (given, or the config's default outputs/…
+    under the working directory): exit 2 with one line, before any stage wrote anything."""
+    from _support import TINY
+
+    env, private = split_cluster["env"], split_cluster["private"]
+    exe = Path(sys.executable).with_name("neon-ray")
+    out = private / "given"
+    args = ["run", str(TINY), *(["--output", str(out)] if given else [])]
+    t0 = time.time()
+    ran = subprocess.run(_in_netns(str(exe), *args), capture_output=True, text=True, env=env, timeout=300, cwd=private)
+    assert ran.returncode == 2, ran.stdout[-2000:] + ran.stderr[-3000:]
+    # One line of its own, the last, after Ray's connection notes (those of any run on a cluster); no traceback.
+    lines = [line for line in ran.stderr.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0] == lines[-1] and "Traceback" not in ran.stderr, ran.stderr
+    expected = out if given else private / "outputs" / "tiny"
+    prefix = "" if given else "no --output was given, so the config's default "
+    assert lines[-1].startswith(f"neon-ray: error: output: {prefix}{expected} is a local folder that 1 of the 2 nodes")
+    assert "s3://" in lines[-1] and ran.stdout == ""
+    assert list(expected.iterdir()) == []  # no stage, no MLflow store, no probe left
+    assert time.time() - t0 < 120
+
+
+def test_the_check_joins_only_for_a_local_output_on_a_joined_cluster(tmp_path, monkeypatch):
+    """No address: nothing to check (an embedded Ray is one node). s3://: nothing to check, Ray is not joined.
+    A local output with an address: the cluster is joined first (here it does not answer: ensure_ray's one line)."""
+    from _servers import free_port
+    from neon_ray.config import RayConfig
+    from neon_ray.errors import NeonError
+    from neon_ray.runtime.cluster import check_output_on_every_node
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    check_output_on_every_node(str(tmp_path), RayConfig())
+    address = f"127.0.0.1:{free_port()}"
+    silent = RayConfig(address=address, connect_timeout_s=1)
+    check_output_on_every_node("s3://bucket/neon", silent)
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    saved = dict(os.environ)  # ensure_ray sets the workers' environment in this process first
+    try:
+        with pytest.raises(NeonError, match=f"ray.address: nothing answers at {address}"):
+            check_output_on_every_node(str(tmp_path), silent)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
