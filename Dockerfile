@@ -20,8 +20,9 @@ ARG FID_HELPER_VERSION=0.1.3
 # The lock is requirements.txt (the pkg branch may rename it, e.g. to a lock file: change both lines below),
 # less its test-only lines. torch comes from it, so DeepSpeed then builds against that torch without build
 # isolation; DS_BUILD_OPS=0 leaves its CUDA ops to be JIT-built at first use, as scripts/setup_env.sh does.
-COPY requirements.txt /tmp/requirements.txt
-COPY --from=wheel /tmp/wheels /tmp/wheels
+# The image runs as its user `ray` (pip installs into its conda), which must be able to remove these afterwards.
+COPY --chown=ray:users requirements.txt /tmp/requirements.txt
+COPY --from=wheel --chown=ray:users /tmp/wheels /tmp/wheels
 RUN grep -vE '^(pytest|pytest-xdist|moto)([=<>\[ ]|$)' /tmp/requirements.txt > /tmp/lock.txt \
  && pip install --no-cache-dir -r /tmp/lock.txt \
  && DS_BUILD_OPS=0 pip install --no-cache-dir --no-build-isolation "deepspeed==${DEEPSPEED_VERSION}" \

@@ -83,6 +83,7 @@ def test_dockerfile_copies_exist_in_the_build_context():
     sources = [src for words in copies if not any(w.startswith("--from=") for w in words)
                for src in [w for w in words if not w.startswith("--")][:-1]]
     assert "requirements.txt" in sources and "." in sources
+    assert all("--chown=ray:users" in words for words in copies)  # Ray's image runs as `ray`, which cleans up after itself
     for src in sources:
         assert (ROOT / src).exists(), src
         assert src == "." or not _dockerignored(src, ignore), f"{src} is excluded by .dockerignore"
