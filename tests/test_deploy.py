@@ -368,12 +368,13 @@ def test_the_node_probe_tells_a_shared_folder_from_a_local_one(split_cluster):
     """The check itself, as a driver joining through $RAY_ADDRESS calls it: the shared folder passes, the head's
     own folder does not, and no probe file stays behind."""
     env, private, shared = split_cluster["env"], split_cluster["private"], split_cluster["shared"]
-    ran = subprocess.run(_in_netns(sys.executable, "-c", _CHECK, str(shared), str(private)), capture_output=True, text=True,
-                         env=env, timeout=300)
+    ran = subprocess.run(_in_netns(sys.executable, "-c", _CHECK, str(shared), str(private), f"file://{private}"),
+                         capture_output=True, text=True, env=env, timeout=300)
     assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
     outcome = json.loads(ran.stdout.strip().splitlines()[-1])
     assert outcome[str(shared)] == "ok"
     assert outcome[str(private)].startswith(f"output: {private} is a local folder that 1 of the 2 nodes")
+    assert outcome[f"file://{private}"].startswith(f"output: file://{private} is a local folder that 1 of the 2 nodes")
     assert list(shared.iterdir()) == [] and list(private.iterdir()) == []
 
 

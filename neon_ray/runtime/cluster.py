@@ -150,7 +150,7 @@ def check_output_on_every_node(output: str, cfg, *, default: bool = False) -> No
     if not others:
         return
     token = os.urandom(16).hex()
-    probe = os.path.join(output, f".node-probe-{token}")
+    probe = os.path.join(storage.filesystem(output)[1], f".node-probe-{token}")  # a plain path, also for file://
     with open(probe, "w") as fh:
         fh.write(token)
     try:
