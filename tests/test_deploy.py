@@ -404,24 +404,40 @@ def test_neon_ray_run_refuses_a_local_output_on_two_nodes(split_cluster, given):
     assert time.time() - t0 < 120
 
 
-def test_the_check_joins_only_for_a_local_output_on_a_joined_cluster(tmp_path, monkeypatch):
+def test_the_check_joins_only_for_a_local_output_on_a_joined_cluster(tmp_path):
     """No address: nothing to check (an embedded Ray is one node). s3://: nothing to check, Ray is not joined.
-    A local output with an address: the cluster is joined first (here it does not answer: ensure_ray's one line)."""
+    A local output with an address: the cluster is joined first (here it does not answer: ensure_ray's one line).
+    In a fresh interpreter: this one may hold the session's local Ray, which ensure_ray would reuse."""
     from _servers import free_port
-    from neon_ray.config import RayConfig
-    from neon_ray.errors import NeonError
-    from neon_ray.runtime.cluster import check_output_on_every_node
+    from _support import cli_env
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    check_output_on_every_node(str(tmp_path), RayConfig())
-    address = f"127.0.0.1:{free_port()}"
-    silent = RayConfig(address=address, connect_timeout_s=1)
-    check_output_on_every_node("s3://bucket/neon", silent)
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
-    saved = dict(os.environ)  # ensure_ray sets the workers' environment in this process first
+    env = cli_env()
+    env.pop("RAY_ADDRESS", None)
+    ran = subprocess.run([sys.executable, "-c", _RULE, str(tmp_path), f"127.0.0.1:{free_port()}"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert ran.returncode == 0, ran.stdout[-2000:] + ran.stderr[-2000:]
+    outcome = json.loads(ran.stdout.strip().splitlines()[-1])
+    address = outcome["address"]
+    assert outcome["no address"] == "ok" and outcome["s3"] == "ok" and outcome["ray joined for s3"] is False
+    assert outcome["local"].startswith(f"ray.address: nothing answers at {address}")
+
+
+_RULE = """
+import json, sys
+from neon_ray.config import RayConfig
+from neon_ray.errors import NeonError
+from neon_ray.runtime.cluster import check_output_on_every_node
+
+folder, address = sys.argv[1:]
+silent = RayConfig(address=address, connect_timeout_s=1)
+outcome = {"address": address}
+for name, output, cfg in [("no address", folder, RayConfig()), ("s3", "s3://bucket/neon", silent), ("local", folder, silent)]:
     try:
-        with pytest.raises(NeonError, match=f"ray.address: nothing answers at {address}"):
-            check_output_on_every_node(str(tmp_path), silent)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
+        check_output_on_every_node(output, cfg)
+        outcome[name] = "ok"
+    except NeonError as exc:
+        outcome[name] = str(exc)
+    if name == "s3":
+        outcome["ray joined for s3"] = "ray" in sys.modules and sys.modules["ray"].is_initialized()
+print(json.dumps(outcome))
+"""
