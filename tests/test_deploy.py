@@ -304,7 +304,8 @@ def split_cluster(tmp_path_factory):
     private.mkdir()
     shared.mkdir()
     env = cli_env({"PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
-                   "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "MLFLOW_TRACKING_URI": ""})
+                   "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32), "MLFLOW_TRACKING_URI": "",
+                   "RAY_raylet_start_wait_time_s": "300"})  # a node's start on a loaded machine: Ray's own knob, not 60 s
     env.pop("RAY_ADDRESS", None)
     temp_dir = tempfile.mkdtemp(prefix="nrd-", dir="/tmp")
     namespace = os.path.basename(temp_dir)
@@ -317,18 +318,18 @@ def split_cluster(tmp_path_factory):
         head = subprocess.run(_in_netns(ray_exe, "start", "--head", f"--port={port}", "--include-dashboard=false",
                                         "--num-cpus=1", f"--temp-dir={temp_dir}", f"--ray-client-server-port={free_port()}",
                                         "--disable-usage-stats", *_node_ports()),
-                              capture_output=True, text=True, env=env, timeout=180)
+                              capture_output=True, text=True, env=env, timeout=400)
         assert head.returncode == 0, head.stdout + head.stderr
         # The worker node in a mount namespace of its own, with `private` hidden under an empty tmpfs.
         start = shlex.join([ray_exe, "start", f"--address=127.0.0.1:{port}", "--num-cpus=1", f"--temp-dir={temp_dir}-worker",
                             "--disable-usage-stats", *_node_ports()])
         worker = subprocess.run(_in_netns("unshare", "--mount", "--propagation", "private", "sh", "-c",
                                           f"mount -t tmpfs tmpfs {shlex.quote(str(private))} && exec {start}"),
-                                capture_output=True, text=True, env=env, timeout=180)
+                                capture_output=True, text=True, env=env, timeout=400)
         assert worker.returncode == 0, worker.stdout + worker.stderr
         env["RAY_ADDRESS"] = f"127.0.0.1:{port}"
         waited = subprocess.run(_in_netns(sys.executable, "-c", _WAIT_FOR_TWO_NODES), capture_output=True, text=True,
-                                env=env, timeout=180)
+                                env=env, timeout=400)
         assert waited.returncode == 0, waited.stdout + waited.stderr
         yield {"env": env, "private": private, "shared": shared}
     finally:
