@@ -141,6 +141,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     # Before any stage, Ray or MLflow set-up: the output must take writes and the tracking server must answer.
     ensure_writable(cfg.output, field="output")
     _OUTPUT[:] = [cfg.output]
+    from .runtime.cluster import check_output_on_every_node
+
+    check_output_on_every_node(cfg.output, cfg.ray, default=args.output is None)
     t0 = time.time()
     if args.command in ("ref-stats", "fid"):
         return _score_command(cfg, args)

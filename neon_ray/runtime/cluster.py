@@ -123,6 +123,71 @@ def _check_answers(address: str, field: str, timeout: float) -> None:
             time.sleep(1.0)
 
 
+PROBE_TIMEOUT_S = 120.0  # a node whose worker has not answered by then is left unchecked (with a warning)
+
+
+def joins_a_cluster(cfg) -> bool:
+    """Whether `ensure_ray(cfg)` joins a running cluster (`ray.address`, $RAY_ADDRESS: `ray job submit`, a RayJob)."""
+    return bool(cfg.address or os.environ.get("RAY_ADDRESS"))
+
+
+def check_output_on_every_node(output: str, cfg, *, default: bool = False) -> None:
+    """Before any stage: on a joined Ray cluster of several nodes, a local output folder must be the same folder on
+    every node (a shared mount), since every node's workers write stage outputs and Ray Train/Tune state there.
+
+    A probe file written here is looked for by a zero-CPU task pinned to each other node; a node that does not see
+    it stops the run with one line. `default`: the output is the config's own (no --output was given).
+    """
+    from .. import storage
+    from ..errors import NeonError
+
+    if not storage.is_local(output) or not joins_a_cluster(cfg):
+        return
+    ensure_ray(cfg)
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = [n["NodeID"] for n in ray.nodes() if n["Alive"] and n["NodeID"] != here]
+    if not others:
+        return
+    token = os.urandom(16).hex()
+    probe = os.path.join(storage.filesystem(output)[1], f".node-probe-{token}")  # a plain path, also for file://
+    with open(probe, "w") as fh:
+        fh.write(token)
+    try:
+        read = ray.remote(num_cpus=0, max_retries=0)(_read_probe)
+        pending = {read.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(probe): node
+                   for node in others}
+        done, late = ray.wait(list(pending), num_returns=len(pending), timeout=PROBE_TIMEOUT_S)
+        blind, unchecked = [], len(late)
+        for ref in done:
+            try:
+                blind += [pending[ref]] if ray.get(ref) != token else []
+            except ray.exceptions.RayError:  # the node went away, or its worker did not start: not ours to judge
+                unchecked += 1
+        for ref in late:
+            ray.cancel(ref, force=True)
+        if unchecked:
+            log.warning("output: %d node(s) did not answer within %.0f s; not checked whether they see %s",
+                        unchecked, PROBE_TIMEOUT_S, output)
+    finally:
+        os.remove(probe)
+    if blind:
+        given = "no --output was given, so the config's default " if default else ""
+        raise NeonError(f"output: {given}{output} is a local folder that {len(blind)} of the {len(others) + 1} nodes of "
+                        "this Ray cluster do not see, and their workers write there too; give shared storage, "
+                        "--output s3://BUCKET/PATH or gs://BUCKET/PATH (or a folder mounted on every node)")
+
+
+def _read_probe(path: str) -> str | None:
+    try:
+        with open(path) as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
 def cluster_has_gpus() -> bool:
     import ray
 
