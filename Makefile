@@ -18,7 +18,7 @@ setup:
 	@$(ENV) neon-ray --help >/dev/null && echo "environment ready"
 
 quickstart:
-	@$(ENV) neon-ray run jobs/configs/quickstart.yaml --output $(QUICKSTART_OUT)
+	@$(ENV) neon-ray run quickstart --output $(QUICKSTART_OUT)
 
 # Two pytest workers (pytest-xdist): most tests wait on process and Ray start-up rather than compute, so two at
 # a time finish sooner on the 2-core machine; tests/conftest.py hands out the long ones first. PYTEST_WORKERS=0:

@@ -103,7 +103,7 @@ def test_families_lists_every_builtin_and_plugins():
     _assert_one_line_error(neon_ray_cli("families", "nope"), "family", "nope")
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "neon_ray" / "configs"
 
 
 @pytest.mark.parametrize("config, args, needles", [
