@@ -153,6 +153,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline
     from .tracking import check_tracking
 
+    if args.command in ("run", "finetune"):  # before any stage runs: generation alone takes minutes
+        from .runtime.train import check_deepspeed
+
+        check_deepspeed(cfg.finetune.zero_stage)
     check_tracking(cfg)
     if args.command == "run":
         from .report import print_summary
