@@ -144,6 +144,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "show-config":
         print(to_yaml(cfg), end="")
         return 0
+    if args.command in ("run", "finetune"):  # before anything is written: generation alone takes minutes
+        from .runtime.train import check_deepspeed
+
+        check_deepspeed(cfg.finetune.zero_stage)
     # Before any stage, Ray or MLflow set-up: the output must take writes and the tracking server must answer.
     ensure_writable(cfg.output, field="output")
     _OUTPUT[:] = [cfg.output]
@@ -153,10 +157,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     from . import pipeline
     from .tracking import check_tracking
 
-    if args.command in ("run", "finetune"):  # before any stage runs: generation alone takes minutes
-        from .runtime.train import check_deepspeed
-
-        check_deepspeed(cfg.finetune.zero_stage)
     check_tracking(cfg)
     if args.command == "run":
         from .report import print_summary
