@@ -36,4 +36,4 @@ mlflow-ui:
 	@$(ENV) mlflow ui --backend-store-uri sqlite:///$(abspath $(QUICKSTART_OUT))/mlflow.db
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache build dist neon_ray.egg-info
