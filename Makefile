@@ -18,7 +18,7 @@ setup:
 	@$(ENV) neon-ray --help >/dev/null && echo "environment ready"
 
 quickstart:
-	@$(ENV) neon-ray run jobs/configs/quickstart.yaml --output $(QUICKSTART_OUT)
+	@$(ENV) neon-ray run quickstart --output $(QUICKSTART_OUT)
 
 # Two pytest workers (pytest-xdist): most tests wait on process and Ray start-up rather than compute, so two at
 # a time finish sooner on the 2-core machine; tests/conftest.py hands out the long ones first. PYTEST_WORKERS=0:
@@ -36,4 +36,4 @@ mlflow-ui:
 	@$(ENV) mlflow ui --backend-store-uri sqlite:///$(abspath $(QUICKSTART_OUT))/mlflow.db
 
 clean:
-	rm -rf outputs .pytest_cache
+	rm -rf outputs .pytest_cache build dist neon_ray.egg-info

@@ -1,6 +1,6 @@
 """Fault drills: kill parts of a running `neon-ray run` and check that nothing is lost.
 
-    python benchmarks/fault_drills.py [--config jobs/configs/tiny.yaml] [--set KEY=VALUE ...] [--out DIR]
+    python benchmarks/fault_drills.py [--config neon_ray/configs/tiny.yaml] [--set KEY=VALUE ...] [--out DIR]
 
 Runs the config once undisturbed, then once while killing (kill -9) one sampling actor mid-generate,
 one Ray Train worker mid-finetune and one Tune trial's process mid-tune, then once more killing the
@@ -183,7 +183,7 @@ def drills(config: Path, out: Path, sets: list[str], undisturbed: tuple[Path, Ou
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(ROOT / "jobs/configs/tiny.yaml"))
+    parser.add_argument("--config", default=str(ROOT / "neon_ray/configs/tiny.yaml"))
     parser.add_argument("--set", dest="sets", action="append", default=[])
     parser.add_argument("--out", default="outputs/fault_drills")
     args = parser.parse_args()

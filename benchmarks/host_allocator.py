@@ -25,7 +25,7 @@ from neon_ray.config import load_config
 from neon_ray.runtime.checkpoints import family_for, spec_of
 torch.set_num_threads(1)
 torch.manual_seed(0)
-family = family_for(spec_of(load_config("jobs/configs/quickstart.yaml", [], "/tmp/unused")))
+family = family_for(spec_of(load_config("quickstart", [], "/tmp/unused")))
 net = family.build()
 opt = torch.optim.AdamW(net.parameters(), 1e-4)
 x, y, g = torch.rand(32, 1, 28, 28) * 2 - 1, torch.randint(0, 10, (32,)), torch.Generator().manual_seed(0)

@@ -75,7 +75,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
     out = tempfile.mkdtemp(prefix="neon-overhead-")
-    cfg = load_config(ROOT / "jobs/configs/quickstart.yaml", [
+    cfg = load_config(ROOT / "neon_ray/configs/quickstart.yaml", [
         f"ray.num_cpus={args.cpus}", f"generate.actors={args.cpus}", "generate.threads_per_actor=1", f"evaluate.actors={args.cpus}",
         "evaluate.prc=false", "evaluate.floor=false", f"evaluate.num_samples={args.samples}", "evaluate.feature_batch_size=500",
         "mlflow.enabled=false"], out)  # 500: shards of the measured table (docs/results.md)

@@ -2,7 +2,7 @@
 
     python benchmarks/search_cost.py [--out outputs/search_cost] [--n 1000] [--final-seeds 0] [--set key=value ...]
 
-One output holds generate + finetune (+ evaluate) of `jobs/configs/quickstart.yaml`; each search then runs
+One output holds generate + finetune (+ evaluate) of `neon_ray/configs/quickstart.yaml`; each search then runs
 `neon-ray tune` on its own copy of that output (outputs are relocatable), so every search scores the same
 θ_base and θ_ft with the same evaluation seeds (common random numbers: a (w, γ) scores the same FID in every
 search at the same n). Searches: the full grid (6 w × 3 γ, one rung at the full n), the same grid under ASHA
@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "jobs" / "configs" / "quickstart.yaml"
+CONFIG = ROOT / "neon_ray" / "configs" / "quickstart.yaml"
 W_GRID = "[0.25, 0.5, 0.75, 1.0, 1.25, 1.5]"
 GAMMAS = "[1.5, 2.0, 3.0]"
 

@@ -1,7 +1,7 @@
 """`ray job submit` entry point: runs `neon-ray run` in the job's driver, which joins the cluster.
 
     ray job submit --address http://HEAD:8265 --working-dir . -- \
-        python jobs/neon_job.py jobs/configs/quickstart.yaml --output s3://bucket/neon/run1
+        python jobs/neon_job.py quickstart --output s3://bucket/neon/run1
 
 Arguments are those of `neon-ray run` (CONFIG, --output, --set KEY=VALUE, --force). On a multi-node
 cluster the output root must be storage every node reaches (s3://, gs://, a shared mount).

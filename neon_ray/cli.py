@@ -10,12 +10,13 @@ import signal
 import sys
 import time
 
+from . import __version__
 from .errors import NeonError
 
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config (defaults apply to missing fields)")
+    p.add_argument("config", nargs="?", help="YAML config file, or a shipped config by name (`neon-ray configs`); defaults apply to missing fields")
     p.add_argument("--output", help="output root URI (overrides `output`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set finetune.lr=1e-4 (repeatable)")
@@ -25,6 +26,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="neon-ray", description="Neon: θ_neon = θ_base − w·(θ_ft − θ_base), as a Ray job.")
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument("--version", action="version", version=f"neon-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="pretrain (if needed) → generate → finetune → evaluate → tune, tracked in MLflow")
     _add_common(p)
@@ -47,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output safetensors URI (default: <output>/merge/model.safetensors)")
     p = sub.add_parser("show-config", help="print the resolved config as YAML")
     _add_common(p)
+    sub.add_parser("configs", help="list the shipped configs (`neon-ray run NAME` runs one from any folder)")
     p = sub.add_parser("families", help="list the model families: presets and sampler settings (with defaults)")
     p.add_argument("family", nargs="?", help="one family (a registered name or module:attr plugin)")
     p = sub.add_parser("ref-stats", help="compute (once) or --import the reference statistics of the config's evaluate section")
@@ -61,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_scoring(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="YAML config (defaults apply to missing fields)")
+    p.add_argument("--config", help="YAML config file, or a shipped config by name (defaults apply to missing fields)")
     p.add_argument("--output", help="output root URI (overrides `output`; the reference cache defaults to <output>/reference)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--num-shards", type=int, metavar="K", help="split the feature pass into K Ray Data shards (same result for any K)")
@@ -131,6 +134,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "families":
         print(describe_families(args.family))
         return 0
+    if args.command == "configs":
+        print(describe_configs())
+        return 0
     overrides = list(args.overrides)
     if args.command == "merge" and args.w is not None:
         overrides.append(f"merge.w={args.w!r}")  # validated with the config, like any other field
@@ -138,6 +144,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "show-config":
         print(to_yaml(cfg), end="")
         return 0
+    if args.command in ("run", "finetune"):  # before anything is written: generation alone takes minutes
+        from .runtime.train import check_deepspeed
+
+        check_deepspeed(cfg.finetune.zero_stage)
     # Before any stage, Ray or MLflow set-up: the output must take writes and the tracking server must answer.
     ensure_writable(cfg.output, field="output")
     _OUTPUT[:] = [cfg.output]
@@ -170,6 +180,19 @@ def _dispatch(args: argparse.Namespace) -> int:
     print(json.dumps({"stage": manifest.stage, "metrics": manifest.metrics, "outputs": manifest.outputs,
                       "wall_seconds": round(time.time() - t0, 1)}, indent=2, default=str))
     return 0
+
+
+def describe_configs() -> str:
+    """One line per shipped config: its name and the first line of its header comment."""
+    from .config import CONFIG_DIR, shipped_configs
+
+    configs = shipped_configs()
+    width = max(map(len, configs))
+    lines = [f"shipped configs ({CONFIG_DIR}); run one with `neon-ray run NAME`:"]
+    for name, path in configs.items():
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
+        lines.append(f"  {name:<{width}}  {first.lstrip('# ').rstrip()}")
+    return "\n".join(lines)
 
 
 def describe_families(only: str | None = None) -> str:

@@ -19,7 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError,
 
 from .errors import ConfigError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The shipped configs, package data: `neon-ray run tiny` finds CONFIG_DIR/tiny.yaml from any folder.
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class Section(BaseModel):
@@ -296,15 +297,12 @@ class TuneConfig(Section):
         return {k: v for k, v in self.space.items() if k != "w"}
 
 
-def _resolve_local(path: str | None, keep_if_missing: bool = False) -> str | None:
+def _resolve_local(path: str | None, keep_if_missing: bool = False, base: str | Path | None = None) -> str | None:
+    """A relative local path made absolute against `base` (a config file's folder; default the working folder)."""
     if not path or "://" in path or os.path.isabs(path):
         return path
-    here, repo = os.path.abspath(path), os.path.join(REPO_ROOT, path)
-    if os.path.exists(here):
-        return here
-    if os.path.exists(repo):
-        return repo
-    return path if keep_if_missing else here
+    resolved = os.path.abspath(os.path.join(base or os.getcwd(), os.path.expanduser(path)))
+    return path if keep_if_missing and not os.path.exists(resolved) else resolved
 
 
 def _check_w(w: float, field: str, allow_negative: bool) -> None:
@@ -352,9 +350,9 @@ class RunConfig(Section):
 
     @model_validator(mode="after")
     def _resolve_paths(self) -> "RunConfig":
-        # Relative local paths are taken from the working directory, else from the repository (so
-        # `jobs/checkpoints/...` works from anywhere and inside `ray job submit`), and made absolute:
-        # Ray workers run in other directories.
+        # Relative local paths given here (`--set`, a dict) are taken from the working folder and made absolute:
+        # Ray workers run in other directories. Those written in a config file were already made absolute
+        # against the file's folder by load_config.
         self.model.checkpoint = _resolve_local(self.model.checkpoint)
         if isinstance(self.model.options.get("vae"), str):  # a local folder, or a hub id (org/name) kept as it is
             self.model.options["vae"] = _resolve_local(self.model.options["vae"], keep_if_missing=True)
@@ -498,8 +496,44 @@ def build_config(data: dict, overrides: list[str] | None = None, output: str | N
         raise ConfigError(_format_validation_error(exc)) from None
 
 
+# Input paths a config file may give relative to itself (a VAE hub id such as org/name stays as it is).
+_INPUT_PATHS = (("model", "checkpoint"), ("model", "options", "vae"), ("data", "path"), ("evaluate", "reference_source"))
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The configs that ship with the package, by name (`tiny`, `quickstart`, ...)."""
+    return {p.stem: p for p in sorted(CONFIG_DIR.glob("*.yaml"))}
+
+
+def find_config(name: str | Path) -> Path:
+    """A config file: a path to one, else the name of a shipped config (`tiny` or `tiny.yaml`)."""
+    p = Path(name)
+    if p.is_file():
+        return p
+    shipped = shipped_configs()
+    if p.parent == Path(".") and p.suffix in ("", ".yaml") and p.stem in shipped:
+        return shipped[p.stem]
+    raise ConfigError(f"config file not found: {name} (shipped configs, by name: {', '.join(shipped)})")
+
+
+def _relative_to_file(data: dict, config_path: Path) -> dict:
+    base = config_path.resolve().parent
+    for keys in _INPUT_PATHS:
+        node = data
+        for key in keys[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(keys[-1]), str):
+            node[keys[-1]] = _resolve_local(node[keys[-1]], keep_if_missing=keys[-1] == "vae", base=base)
+    return data
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None, output: str | None = None) -> RunConfig:
-    data = load_yaml(path) if path else {}
+    """The config in a file, or a shipped config by name (None: the defaults). Relative input paths in the file are
+    taken from the file's folder, those in `overrides` from the working folder; `output` from the working folder."""
+    data = {}
+    if path:
+        file = find_config(path)
+        data = _relative_to_file(load_yaml(file), file)
     return build_config(data, overrides, output)
 
 

@@ -4,7 +4,7 @@ a diversity-seeking one (ζ = 0.9), over several seeds. Writes a Markdown table 
 
     python scripts/toy_experiment.py [--seeds 0 1 2 3 4] [--zetas 1.1 0.9] [--output outputs/toy] [--doc docs/toy.md]
 
-Each (seed, ζ) is one `neon-ray run jobs/configs/toy_gaussian.yaml` (real Ray stages, DeepSpeed
+Each (seed, ζ) is one `neon-ray run toy_gaussian` (real Ray stages, DeepSpeed
 fine-tune, Tune over w ∈ [−2, 2], MLflow). Per seed the base model is pretrained once (on that seed's
 1k real samples) and shared by both ζ, so the two rows of a seed differ only in the sampler.
 Finished runs are skipped on rerun (stage manifests), so the script resumes where it stopped.
@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "jobs" / "configs" / "toy_gaussian.yaml"
+CONFIG = ROOT / "neon_ray" / "configs" / "toy_gaussian.yaml"
 
 
 def run_one(seed: int, zeta: float, out: Path, base_checkpoint: Path | None, extra: list[str]) -> dict:
@@ -92,7 +92,7 @@ def main() -> None:
         "# The paper's toy through neon-ray (App. B)\n\n"
         f"Produced by `python scripts/toy_experiment.py --seeds {' '.join(map(str, args.seeds))} "
         f"--zetas {' '.join(f'{z:g}' for z in args.zetas)}{overrides}` on {dt.date.today().isoformat()} "
-        f"({(time.time() - t0) / 60:.0f} min on {os.cpu_count()} CPU cores), config `jobs/configs/toy_gaussian.yaml`.\n\n"
+        f"({(time.time() - t0) / 60:.0f} min on {os.cpu_count()} CPU cores), config `neon_ray/configs/toy_gaussian.yaml`.\n\n"
         "Target N(0, [[2, 1], [1, 2]]); an MLP DDPM (4 blocks × 32 units) pretrained on 1k real samples of the seed; S = 1k "
         "samples of the ζ-scaled 20-step sampler; a DeepSpeed fine-tune on S; θ_neon = θ_base − w·(θ_ft − θ_base) swept by "
         "Ray Tune over w ∈ [−2, 2]; every θ scored by the closed-form Fréchet distance between the Gaussian fit of 200k of its samples "

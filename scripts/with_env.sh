@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Run a command inside the project's environment, setting it up first when needed:
-#   the pinned venv (scripts/setup_env.sh, shared by every clone), this checkout first on PYTHONPATH, and
-#   Fashion-MNIST from Debian's dataset-fashion-mnist where apt-get is usable.
-# The venv holds the dependencies only, never a checkout: each call puts its own checkout on PYTHONPATH
-# (Ray workers inherit it), so several clones use one venv at the same time without re-installing anything.
+#   this clone's venv (scripts/setup_env.sh: this checkout installed editable, over the pinned dependencies'
+#   venv that every clone shares), and Fashion-MNIST from Debian's dataset-fashion-mnist where apt-get is usable.
+# The checkout also goes first on PYTHONPATH: the shared venv's own commands (`ray start`, `mlflow server`) run
+# the shared python, which does not see this clone's install, and the Ray workers they start must import it.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 venv=$(bash "$root/scripts/setup_env.sh")

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ROOT / "jobs" / "configs" / "tiny.yaml"
+TINY = ROOT / "neon_ray" / "configs" / "tiny.yaml"
 
 
 def fault_drills():

@@ -103,7 +103,7 @@ def test_families_lists_every_builtin_and_plugins():
     _assert_one_line_error(neon_ray_cli("families", "nope"), "family", "nope")
 
 
-CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "neon_ray" / "configs"
 
 
 @pytest.mark.parametrize("config, args, needles", [
@@ -186,3 +186,15 @@ def test_tracking_server_that_does_not_answer_stops_before_any_work(tmp_path):
     proc = neon_ray_inprocess("run", str(TINY), "--output", str(tmp_path / "o"), env={"MLFLOW_TRACKING_URI": uri})
     _assert_one_line_error(proc, "MLFLOW_TRACKING_URI", uri, "mlflow.enabled=false")
     _no_manifests(tmp_path / "o")
+
+
+@pytest.mark.parametrize("command", ["run", "finetune"])
+def test_zero_stage_without_deepspeed_names_the_extra(tmp_path, monkeypatch, command):
+    """`pip install neon-ray` without the deepspeed extra, then a run that fine-tunes: one line naming the extra, before
+    any stage. DeepSpeed is made unimportable here the way Python documents it (a None entry in sys.modules)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "deepspeed", None)
+    proc = neon_ray_inprocess(command, "tiny", "--output", str(tmp_path / "o"), "--set", "finetune.zero_stage=3")
+    _assert_one_line_error(proc, "finetune.zero_stage", "ZeRO stage 3", 'neon-ray[deepspeed]')
+    assert not (tmp_path / "o").exists()  # stopped before the output check writes anything

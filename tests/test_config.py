@@ -79,9 +79,44 @@ def test_offload_needs_a_zero_stage(tmp_path):
 
 @pytest.mark.parametrize("path", sorted((TINY.parent).glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_names_a_buildable_model(tmp_path, path):
-    """A config in jobs/configs that no longer validates (a renamed field, a dropped preset) fails here, not in a user's run."""
+    """A shipped config (neon_ray/configs) that no longer validates (a renamed field, a dropped preset) fails here, not in a user's run."""
     from neon_ray.runtime.checkpoints import family_for, spec_of
 
     cfg = load_config(path, output=str(tmp_path))
     if cfg.model.checkpoint is None:  # built here from the preset (the others take their spec from the checkpoint)
         family_for(spec_of(cfg))
+
+
+def test_shipped_configs_load_by_name_from_any_folder(tmp_path, monkeypatch):
+    """`neon-ray run tiny` from any folder: a shipped config by name, its base checkpoint resolved beside it."""
+    from neon_ray.config import CONFIG_DIR, shipped_configs
+
+    monkeypatch.chdir(tmp_path)
+    assert {"tiny", "quickstart"} <= set(shipped_configs())
+    assert load_config("tiny", output="o") == load_config(TINY, output="o")
+    assert load_config("tiny.yaml", output="o") == load_config(TINY, output="o")
+    quickstart = load_config("quickstart", output="o")
+    assert quickstart.model.checkpoint == str(CONFIG_DIR / "checkpoints" / "fmnist-unet-p2s.safetensors")
+    assert quickstart.output == str(tmp_path / "o")  # outputs go to the working folder, never into the package
+
+
+def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    """Input paths in a config file are taken from its folder; those in --set from the working folder."""
+    folder, elsewhere = tmp_path / "exp", tmp_path / "elsewhere"
+    (folder / "bases").mkdir(parents=True)
+    elsewhere.mkdir()
+    data = yaml.safe_load(TINY.read_text())
+    data["model"]["checkpoint"] = "bases/b.safetensors"
+    data["data"]["path"] = "../fmnist"
+    (folder / "run.yaml").write_text(yaml.safe_dump(data))
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(folder / "run.yaml", output="o")
+    assert cfg.model.checkpoint == str(folder / "bases" / "b.safetensors")
+    assert cfg.data.path == str(tmp_path / "fmnist")
+    cfg = load_config(folder / "run.yaml", ["model.checkpoint=mine.safetensors"], output="o")
+    assert cfg.model.checkpoint == str(elsewhere / "mine.safetensors")
+
+
+def test_unknown_config_name_lists_the_shipped_ones(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config file not found: tiny_nope \(shipped configs, by name: .*\btiny\b"):
+        load_config("tiny_nope", output=str(tmp_path))

@@ -12,7 +12,7 @@ import pytest
 from _support import ROOT, neon_ray_cli
 from test_e2e import check_mlflow
 
-CONFIGS = ROOT / "jobs" / "configs"
+CONFIGS = ROOT / "neon_ray" / "configs"
 # (config, overrides): the paper's toy runs shrunk (its own config is sized for the real experiment).
 # The DiT run exercises the search (tuning/): w × γ with the base searched over γ, rungs 20 → 40, ASHA, and the
 # headline pair rescored on 2 fresh evaluation seed sets.

@@ -17,7 +17,7 @@ from neon_ray.config import load_config
 from neon_ray.inputs import config_leaves, is_operational
 from neon_ray.pipeline import GRAPH, stage_hash
 
-TOY = ROOT / "jobs" / "configs" / "toy_gaussian.yaml"
+TOY = ROOT / "neon_ray" / "configs" / "toy_gaussian.yaml"
 ALL = frozenset(GRAPH)
 NONE: frozenset[str] = frozenset()
 PRETRAIN = frozenset({"pretrain"})

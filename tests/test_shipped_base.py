@@ -9,8 +9,8 @@ import pytest
 
 from _support import ROOT, tiny_config
 
-CKPT = ROOT / "jobs" / "checkpoints" / "fmnist-unet-p2s.safetensors"
-RECORD = ROOT / "jobs" / "checkpoints" / "fmnist-unet-p2s.json"
+CKPT = ROOT / "neon_ray" / "configs" / "checkpoints" / "fmnist-unet-p2s.safetensors"
+RECORD = ROOT / "neon_ray" / "configs" / "checkpoints" / "fmnist-unet-p2s.json"
 
 
 def test_checkpoint_matches_its_record():

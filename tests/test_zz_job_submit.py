@@ -168,7 +168,7 @@ def test_loopback_only_job_stop_resubmit_and_spread(cluster, tmp_path):
 
     # The documented command, stopped with `ray job stop` mid-search, then resubmitted.
     out = tmp_path / "job"
-    run = ["python", "jobs/neon_job.py", "jobs/configs/tiny.yaml", "--output", str(out), "--set", "finetune.placement_strategy=SPREAD",
+    run = ["python", "jobs/neon_job.py", "tiny", "--output", str(out), "--set", "finetune.placement_strategy=SPREAD",
            "--set", "finetune.budget_images=160", "--set", "finetune.checkpoint_every=5"]
     job_id = _job_id(_submit(env, dash, *run, wait=False))
     _wait_for(lambda: any(out.glob("tune/trials/*/samples/part-*.parquet")), 900, "the search under way")
@@ -199,7 +199,7 @@ def test_losing_a_worker_node_mid_generate_the_job_finishes_on_the_head(cluster,
     env, api, dash = cluster["env"], cluster["api"], cluster["dash"]
     out = tmp_path / "node-loss"
     n, items = 1200, 120  # generate.batch_size 10: 120 work items, ~1 min of sampling on the two nodes
-    run = ["python", "jobs/neon_job.py", "jobs/configs/tiny.yaml", "--output", str(out), "--set", f"generate.num_samples={n}",
+    run = ["python", "jobs/neon_job.py", "tiny", "--output", str(out), "--set", f"generate.num_samples={n}",
            "--set", "generate.actors=4", "--set", "sampler.steps=20", "--set", "tune.w_grid=[1.0]"]
     worker_node = next(n["node_id"] for n in _state(env, api, "nodes") if not n["is_head_node"] and n["state"] == "ALIVE")
     job_id = _job_id(_submit(env, dash, *run, wait=False))

@@ -122,7 +122,7 @@ def vlb_bits(sched: VPSchedule, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Te
 @register_family
 class DiffusionFamily(DenoiserFamily):
     name = "diffusion"
-    # Backbone sizes: backbones.UNET_PRESETS and dit.DIT_PRESETS. FID notes live in jobs/configs/*.yaml
+    # Backbone sizes: backbones.UNET_PRESETS and dit.DIT_PRESETS. FID notes live in neon_ray/configs/*.yaml
     # beside the runs that measured them. DiT-* follow the official DiT recipe so released weights load.
     presets = presets_for(
         unet_defaults=dict(schedule="cosine"),

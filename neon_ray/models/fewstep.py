@@ -75,7 +75,7 @@ class FewStepFamily(ModelFamily):
     presets = {
         "fewstep-tiny": dict(channels=(16, 32, 32), blocks_per_level=1, attention_levels=(), dropout=0.0, patch=1, **_ct,
                              levels_double_every=10),
-        # Sized for jobs/configs/fmnist_fewstep.yaml's 2,000 steps: N doubles every 250 and reaches 1280 at step 1,750
+        # Sized for neon_ray/configs/fmnist_fewstep.yaml's 2,000 steps: N doubles every 250 and reaches 1280 at step 1,750
         # (iCT: K' = K / (log2(s1/s0) + 1)). 1,400 steps × 64 (12 min on this CPU) gave recognisable 1–2-step samples.
         "fewstep-fmnist": dict(channels=(48, 96), blocks_per_level=1, attention_levels=(1,), dropout=0.0, patch=2, **_ct,
                                levels_double_every=250),

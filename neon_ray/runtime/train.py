@@ -42,6 +42,15 @@ STATE_FILE = "state.pt"
 LARGE_MODEL_PARAMETERS = 100_000_000
 
 
+def check_deepspeed(zero_stage: int) -> None:
+    """The fine-tune runs DeepSpeed at every ZeRO stage; it is the `deepspeed` extra, since its build needs torch first."""
+    import importlib.util
+
+    if importlib.util.find_spec("deepspeed") is None:
+        raise NeonError(f"finetune.zero_stage: ZeRO stage {zero_stage} needs DeepSpeed, which is not installed: "
+                        'pip install --no-build-isolation "neon-ray[deepspeed]" (once torch is installed)')
+
+
 def host_memory_env(parameters: int) -> dict[str, str]:
     """The glibc settings of CPU training workers for a model of `parameters` parameters."""
     threshold = str(128 << 10 if parameters >= LARGE_MODEL_PARAMETERS else 4 << 20)

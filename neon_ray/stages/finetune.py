@@ -29,6 +29,7 @@ from ..runtime.checkpoints import dataset_of, load_model, set_torch_threads, spe
 from ..runtime.cluster import ensure_ray, resolve_use_gpu
 from ..runtime.progress import Progress
 from ..runtime.seeds import derive_seed
+from ..runtime.train import check_deepspeed
 from ..training import count_parameters, linear_warmup
 
 log = logging.getLogger("neon_ray")
@@ -49,6 +50,7 @@ def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
     cfg = ctx.cfg
     base, samples = ctx.input_uri("base"), ctx.input_uri("generate", "samples")
     p = plan(f)
+    check_deepspeed(f.zero_stage)
     rec = ctx.start()
     ensure_ray(cfg.ray)
 
