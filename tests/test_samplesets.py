@@ -161,3 +161,26 @@ def test_image_folder_skips_other_files_with_a_count_and_checks_every_image(tmp_
     with pytest.raises(NeonError, match=r"undecodable image .*d2/zzz\.png"):
         _extract(cfg, open_samples(str(root)), 1, extractor=PIXEL_POOL)
     shutil.rmtree(root)
+
+
+@pytest.mark.slow  # two small runs of the benchmark, each starting its own Ray
+def test_driver_memory_benchmark_rows_and_equal_fid_on_both_paths(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from _support import ROOT, cli_env
+
+    def run(*extra):
+        proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "driver_memory.py"), "--n", "200", "--steps", "2",
+                               "--size", "32", "--part", "100", "--out", str(tmp_path), "--json", *extra],
+                              capture_output=True, text=True, env=cli_env(), timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+    streamed, memory = run(), run("--in-memory")
+    assert [r["n"] for r in streamed[:-1]] == [200, 400] and streamed[-1]["summary"]
+    for row in streamed[:-1]:
+        assert {"n", "image_bytes", "encoded_bytes", "driver_peak_rss_mb", "fid", "samples_per_s"} <= set(row)
+        assert row["image_bytes"] == row["n"] * 3 * 32 * 32 and row["encoded_bytes"] > row["image_bytes"]  # noise: PNG cannot shrink it
+    assert [r["fid"] for r in streamed[:-1]] == [r["fid"] for r in memory[:-1]]  # the same sets, the same chunks: equal FIDs

@@ -197,7 +197,8 @@ def concat_sets(sets: list[SampleSet], source: str) -> SampleSet:
     for s in sets[1:]:
         if (s.column, s.shape) != (first.column, first.shape):
             raise NeonError(f"sample sets {first.source} and {s.source} differ in {first.column}{first.shape} vs {s.column}{s.shape}")
-    return SampleSet([p for s in sets for p in s.pieces], first.column, first.shape, source, all(s.has_labels for s in sets))
+    return SampleSet([p for s in sets for p in s.pieces], first.column, first.shape, source, all(s.has_labels for s in sets),
+                     first.shape_of)
 
 
 def encoded_set(samples: np.ndarray, labels: np.ndarray | None, codec, source: str) -> SampleSet:
