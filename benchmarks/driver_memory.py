@@ -28,13 +28,14 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from neon_ray.config import load_config  # noqa: E402
+from neon_ray.config import load_config
 
 STREAM = "driver-memory"
 
@@ -53,7 +54,7 @@ class PeakRSS:
             self.peak = max(self.peak, self.process.memory_info().rss)
             self._stop.wait(self.every_s)
 
-    def __enter__(self) -> "PeakRSS":
+    def __enter__(self) -> PeakRSS:
         self.peak = self.process.memory_info().rss
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()

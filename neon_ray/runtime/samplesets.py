@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -85,7 +85,7 @@ class SampleSet:
             offset += p.count
         return out
 
-    def head(self, n: int) -> "SampleSet":
+    def head(self, n: int) -> SampleSet:
         """The first n rows (lazy)."""
         return replace(self, pieces=self.slice(0, n), source=f"{self.source}[:{n}]")
 
