@@ -142,7 +142,7 @@ def test_a_part_that_disappears_mid_pass_gives_one_line_and_a_rerun_resumes(ray_
     np.testing.assert_array_equal(after.stats.sigma, before.stats.sigma)
 
 
-def test_image_folder_skips_other_files_with_a_count_and_checks_every_image(tmp_path, real, caplog):
+def test_image_folder_skips_other_files_with_a_count_and_checks_every_image(ray_local, tmp_path, real, caplog):
     from PIL import Image
 
     a = real[0]
