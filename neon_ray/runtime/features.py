@@ -75,8 +75,8 @@ class FeatureActor:
         try:
             moments, consistent, kept = self._reduce(first, pieces, set(kept_rows.tolist()))
         except NeonError as exc:
-            return _row(Moments.empty(0), -1, kept_rows[:0], np.zeros((0, 0), np.float32), str(exc))
-        return _row(moments, consistent if self.with_logits and self.labels else -1, kept_rows, kept, "")
+            return _row(first, Moments.empty(0), -1, kept_rows[:0], np.zeros((0, 0), np.float32), str(exc))
+        return _row(first, moments, consistent if self.with_logits and self.labels else -1, kept_rows, kept, "")
 
     @torch.no_grad()
     def _reduce(self, first: int, pieces: list, keep: set[int]):
@@ -111,8 +111,8 @@ class FeatureActor:
         return row + size, moments, consistent
 
 
-def _row(m: Moments, consistent: int, kept_rows: np.ndarray, kept: np.ndarray, error: str) -> dict[str, np.ndarray]:
-    return {"n": np.array([m.n], np.int64), "mean": np.array([_npy(m.mean)], dtype=object), "m2": np.array([_npy(m.m2)], dtype=object),
+def _row(first: int, m: Moments, consistent: int, kept_rows: np.ndarray, kept: np.ndarray, error: str) -> dict[str, np.ndarray]:
+    return {"first": np.array([first], np.int64), "n": np.array([m.n], np.int64), "mean": np.array([_npy(m.mean)], dtype=object), "m2": np.array([_npy(m.m2)], dtype=object),
             "consistent": np.array([consistent], np.int64), "kept_rows": np.array([_npy(kept_rows)], dtype=object),
             "kept": np.array([_npy(kept)], dtype=object), "error": np.array([error], dtype=object)}
 
@@ -123,7 +123,7 @@ def work_items(samples: SampleSet, num_shards: int, keep: np.ndarray) -> list[di
     n = samples.n
     sizes = [len(a) for a in np.array_split(np.arange(n), max(1, min(num_shards, n)))]
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
-    return [{"work": pickle.dumps((int(a), portable(samples.slice(int(a), int(a) + s)),
+    return [{"first": int(a), "work": pickle.dumps((int(a), portable(samples.slice(int(a), int(a) + s)),
                                    (np.nonzero(keep[a:a + s])[0] + a).astype(np.int64)))}
             for a, s in zip(starts, sizes)]
 
@@ -166,12 +166,17 @@ def extract(samples: SampleSet, extractor: str, weights: str | None, feature_spa
             num_gpus=gpus,
         ).iter_batches(batch_size=None, batch_format="numpy")
     moments, consistent, rows, feats = None, [], [], []
-    for out in batches:  # streamed: one (D, D) at a time per shard
+    # Shards finish in any order; their moments are merged in row order (held back until their turn), so the
+    # float64 rounding, hence the FID to the last digit, is the same in every run and for every part layout.
+    turn, waiting = [it["first"] for it in items], {}
+    for out in batches:
         for i in range(len(out["n"])):
             if out["error"][i]:
                 raise NeonError(out["error"][i])
-            m = Moments(int(out["n"][i]), _from_npy(out["mean"][i]), _from_npy(out["m2"][i]))
-            moments = m if moments is None else moments.merge(m)
+            waiting[int(out["first"][i])] = Moments(int(out["n"][i]), _from_npy(out["mean"][i]), _from_npy(out["m2"][i]))
+            while turn and turn[0] in waiting:
+                m = waiting.pop(turn.pop(0))
+                moments = m if moments is None else moments.merge(m)
             consistent.append(int(out["consistent"][i]))
             rows.append(_from_npy(out["kept_rows"][i]))
             feats.append(_from_npy(out["kept"][i]))
