@@ -157,7 +157,7 @@ class EvaluateConfig(Section):
     num_samples: int = Field(5000, ge=2, description="Samples per FID evaluation.")
     seed: int = Field(1_000_003, description="Seed stream of evaluation samples (the same for every w).")
     sampler: dict[str, Any] = Field(default_factory=dict, description="Sampler overrides for scoring models, merged over `sampler` (e.g. {score_scale: 1.0}: score every θ with the model's plain sampler while S comes from a biased one). Empty: score with `sampler`.")
-    extractor: str = Field("fmnist-classifier", description="fmnist-classifier, inception-fid-helper (standard FID Inception, offline), inception-v3-compat (torch-fidelity's, needs extractor_weights) or identity (vector data).")
+    extractor: str = Field("fmnist-classifier", description="fmnist-classifier, inception-fid-helper (standard FID Inception, offline), inception-v3-compat (torch-fidelity's, needs extractor_weights), identity (vector data) or pixel-pool (4×4-pooled pixels: cheap, for tests and data-path benchmarks).")
     extractor_weights: str | None = Field(None, description="Local weights file of the extractor (null: the packaged default; never downloaded).")
     reference_split: Literal["train", "test"] = "test"
     reference_cache: str | None = Field(None, description="Folder for cached reference statistics (null: <output>/reference).")

@@ -6,13 +6,12 @@ import numpy as np
 
 from . import storage
 from .imageio import decode_png
-from .runtime.samplesets import read_samples
+from .runtime.samplesets import open_samples
 
 
 def sample_grid(samples_uri: str, rows: int, cols: int) -> np.ndarray:
     """A rows×cols grid (H·rows, W·cols) uint8 of the first images (ordered by index: labels cycle per column)."""
-    table = read_samples(samples_uri, columns=["index", "png"])
-    pngs = table.column("png").to_pylist()[: rows * cols]
+    pngs = open_samples(samples_uri).head(rows * cols).read_table().column("png").to_pylist()  # only the first parts are read
     images = [decode_png(p) for p in pngs]
     c, h, w = images[0].shape
     grid = np.zeros((c, rows * h, cols * w), np.uint8)
@@ -27,8 +26,7 @@ def sample_points(samples_uri: str, limit: int) -> np.ndarray:
     from .data.codec import VectorCodec
 
     codec = VectorCodec()
-    table = read_samples(samples_uri, columns=["index", codec.column])
-    return codec.decode_batch(table.column(codec.column).to_pylist()[:limit])
+    return codec.decode_batch(open_samples(samples_uri).head(limit).read_table().column(codec.column).to_pylist())
 
 
 def save_comparison_grid(base_uri: str, neon_uri: str, path: str, title: str, rows: int = 8, cols: int = 10,

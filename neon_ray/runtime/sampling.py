@@ -58,14 +58,18 @@ class SamplerActor:
             seeds = sample_seeds(self.seed, self.stream, idx)
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 images = self.family.sample(self.net, torch.from_numpy(labels).to(self.device), seeds, self.settings)
-            stored = self.codec.from_model(images).cpu().numpy()
-            table = pa.table({"index": pa.array(idx, pa.int64()), "label": pa.array(labels, pa.int64()),
-                              "seed": pa.array(seeds, pa.int64()),
-                              self.codec.column: pa.array([self.codec.encode(s) for s in stored], pa.binary())})
-            sink = pa.BufferOutputStream()
-            pq.write_table(table, sink)
-            storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
+            write_part(uri, self.codec, idx, labels, seeds, self.codec.from_model(images).cpu().numpy())
         return {"start": np.asarray(batch["start"], np.int64), "count": np.asarray(batch["count"], np.int64)}
+
+
+def write_part(uri: str, codec, index: np.ndarray, labels: np.ndarray, seeds: np.ndarray, stored: np.ndarray) -> None:
+    """One part of a sample set (index, label, seed, the codec's column), written atomically."""
+    table = pa.table({"index": pa.array(index, pa.int64()), "label": pa.array(labels, pa.int64()),
+                      "seed": pa.array(seeds, pa.int64()),
+                      codec.column: pa.array([codec.encode(s) for s in stored], pa.binary())})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    storage.write_bytes_atomic(uri, sink.getvalue().to_pybytes())
 
 
 def work_items(n: int, batch_size: int, first: int = 0) -> list[dict[str, int]]:
