@@ -281,7 +281,8 @@ def ui(output: str, port: int) -> int:
         if db is None:
             raise NeonError(f"review --ui: no {DB_NAME} under {storage.redact_uri(output)}")
         mlflow = Path(sys.executable).with_name("mlflow")
-        cmd = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port),
+        # One worker: a supervisor of several kills a worker that is slow to answer its health check (a busy machine).
+        cmd = [str(mlflow) if mlflow.exists() else "mlflow", "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                "--backend-store-uri", f"sqlite:///{db}"]
         print(f"MLflow UI on http://127.0.0.1:{port} (a copy of {redact(storage.redact_uri(output))}'s record; Ctrl-C stops it)",
               flush=True)
