@@ -35,9 +35,14 @@ HEADLINE = ("fid_base", "fid_neon", "fid_base_sd", "fid_neon_sd", "best_w", "bes
 
 def review(output: str) -> dict[str, Any]:
     """The run under `output` as one JSON-able record (see the module docstring)."""
-    manifests = {name: m for name in STAGES if (m := read_manifest(output, name)) is not None}
-    summary = _read_json(storage.join(output, "summary.json"))
-    state = _read_json(storage.join(output, STATE_FILE))
+    try:
+        manifests = {name: m for name in STAGES if (m := read_manifest(output, name)) is not None}
+        summary = _read_json(storage.join(output, "summary.json"))
+        state = _read_json(storage.join(output, STATE_FILE))
+    except NeonError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a missing bucket, rejected credentials, an endpoint that does not answer
+        raise NeonError(f"review: cannot read {storage.redact_uri(output)}: {storage.describe_storage_error(exc)}") from None
     if not manifests and summary is None and state is None:
         raise NeonError(f"review: no neon-ray output at {storage.redact_uri(output)} (no stage manifest, summary.json or {STATE_FILE})")
     missing: list[str] = []

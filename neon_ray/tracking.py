@@ -214,6 +214,8 @@ class Tracker:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+            # urllib3 warns at each retry; `_lost` says it once, in one line.
+            logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
         self.state_uri = storage.join(cfg.output, STATE_FILE)
         self.state = storage.read_json(self.state_uri) if storage.exists(self.state_uri) else {}
 
