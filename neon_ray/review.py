@@ -13,7 +13,6 @@ missing is listed (`missing`). Nothing here writes to the output.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 import subprocess
@@ -239,8 +238,8 @@ def render(record: dict) -> str:
     if head:
         sampler = ", ".join(f"{k}={v}" for k, v in (head.get("best_sampler") or {}).items())
         base = f"base FID {head['fid_base']:.3f}  →  " if head.get("fid_base") is not None else ""
-        lines += ["", f"headline: {base}Neon FID {head['fid_neon']:.3f} at w={head['best_w']:.3g}{' ' + sampler if sampler else ''}"
-                  f" (n={head.get('n_eval')})"]
+        setting = f" {sampler}" if sampler else ""
+        lines += ["", f"headline: {base}Neon FID {head['fid_neon']:.3f} at w={head['best_w']:.3g}{setting} (n={head.get('n_eval')})"]
     model = record["registered_model"]
     if model:
         alias = f" @{model['alias']}" if model.get("alias") else ""

@@ -35,9 +35,9 @@ import sys
 import tempfile
 import threading
 import time
-import uuid
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -179,7 +179,7 @@ def _tolerant(method):
             return None
         try:
             return method(self, *args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 - any client error: connection refused, 5xx, timeouts
+        except Exception as exc:  # any client error: connection refused, 5xx, timeouts
             if not _is_server(self.uri) or self.parent_id is None:
                 raise
             self._lost(exc)

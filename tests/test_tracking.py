@@ -64,9 +64,9 @@ def _manifest(stage: str, **metrics):
 def test_a_remote_output_keeps_its_whole_record_and_a_new_machine_resumes_it(s3_server, tmp_path, monkeypatch):
     """No tracking server: the artifacts go straight to <output>/mlartifacts, the sqlite store is uploaded to
     <output>/mlflow.db at each stage end and on exit; a driver with an empty home folder resumes the same parent."""
-    from neon_ray.tracking import Tracker, working_copy_dir
-
     from _servers import BUCKET
+
+    from neon_ray.tracking import Tracker, working_copy_dir
 
     for k, v in s3_server.env.items():
         monkeypatch.setenv(k, v)
@@ -128,7 +128,7 @@ def test_a_second_driver_on_one_output_is_refused_until_the_lease_expires(tmp_pa
     assert not lease.exists()
 
     # A driver killed on this machine: its rerun takes over at once, without waiting for the lease to expire.
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
     import socket
 
     lease.write_text(json.dumps(other | {"host": socket.gethostname(), "pid": int(dead.stdout)}))
@@ -142,9 +142,9 @@ def test_a_tracking_server_that_stops_answering_costs_one_warning(tmp_path, monk
     end that reaches it."""
     import logging
 
-    from neon_ray.tracking import Tracker
-
     from _servers import free_port, start_mlflow
+
+    from neon_ray.tracking import Tracker
 
     for k, v in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}.items():
