@@ -144,7 +144,13 @@ def _store(output: str, state: dict, missing: list[str]) -> Iterator[Any]:
     migrate or lock a record a driver may be writing), or the tracking server $MLFLOW_TRACKING_URI names."""
     from mlflow.tracking import MlflowClient
 
-    if state.get("store") == "external" or (state.get("store") is None and state.get("tracking_uri", "").startswith("http")):
+    recorded = state.get("tracking_uri") or ""
+    if state.get("store") == "external" and recorded.startswith("sqlite:") and not storage.exists(storage.join(output, DB_NAME)):
+        missing.append(f"the MLflow store is {recorded} on the machine that ran it (an older neon-ray kept a remote "
+                       "output's record there)")
+        yield None
+        return
+    if state.get("store") == "external":
         uri = os.environ.get("MLFLOW_TRACKING_URI")
         if not uri:
             missing.append(f"the MLflow record is on a tracking server ({state.get('tracking_uri')}); set MLFLOW_TRACKING_URI to read it")

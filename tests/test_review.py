@@ -52,6 +52,19 @@ def test_an_older_output_is_reviewed_as_far_as_it_goes(tmp_path):
     assert text.returncode == 0 and "stopped@20" in text.stdout and "winner" in text.stdout and "missing:" in text.stdout, text.stdout
 
 
+def test_an_older_remote_output_says_where_its_record_was(tmp_path):
+    """Before the record moved to the output, a remote output's sqlite store stayed in the driver's ~/.cache."""
+    out = tmp_path / "old-remote"
+    _older_output(out)
+    (out / "mlflow.json").write_text(json.dumps({"parent_run_id": "0123", "experiment_id": "1", "store": "external",
+                                                 "tracking_uri": "sqlite:////home/driver/.cache/neon-ray/mlflow.db"}))
+    proc = neon_ray_inprocess("review", str(out), "--json")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert record["parent_run_id"] == "0123" and len(record["trials"]) == 2
+    assert any("/home/driver/.cache/neon-ray/mlflow.db on the machine that ran it" in m for m in record["missing"]), record["missing"]
+
+
 def test_a_folder_without_a_run_is_one_line(tmp_path):
     proc = neon_ray_inprocess("review", str(tmp_path))
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "no neon-ray output" in proc.stderr, proc.stderr
