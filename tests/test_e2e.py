@@ -102,7 +102,7 @@ def test_neon_ray_run_end_to_end(tmp_path, undisturbed_tiny_run):
     winner = next(t for t in record["trials"] if t["winner"])
     assert winner["params"]["w"] == summary["best_w"] and all(t["run_id"] for t in record["trials"]) and not record["missing"]
     assert record["registered_model"]["alias"] == "champion" and record["registered_model"]["trial_run_id"] == winner["run_id"]
-    assert client.get_model_version_by_alias(name, "champion").version == version
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(version)
     loaded = load_and_predict(record["registered_model"]["uri"], without_checkout({}, tmp_path / "home"), tmp_path / "empty")
     assert loaded["rows"] == 1 and loaded["head"] == b"\x89PNG".hex() and loaded["signature"]
 
