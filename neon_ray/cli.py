@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetuned", help="θ_ft safetensors (default: the run's finetune output)")
     p.add_argument("--w", type=float, help="extrapolation weight (default: merge.w)")
     p.add_argument("--out", help="output safetensors URI (default: <output>/merge/model.safetensors)")
+    p = sub.add_parser("review", help="read a run back from its output alone (any URI): stages, trials, headline, registered model")
+    p.add_argument("output", help="the run's output root URI")
+    p.add_argument("--json", action="store_true", help="print one JSON object (one line, the last line of stdout)")
+    p.add_argument("--ui", action="store_true", help="start the MLflow UI (loopback) on a local copy of the run's MLflow store")
+    p.add_argument("--port", type=int, default=5000, help="port of --ui (default 5000)")
     p = sub.add_parser("show-config", help="print the resolved config as YAML")
     _add_common(p)
     sub.add_parser("configs", help="list the shipped configs (`neon-ray run NAME` runs one from any folder)")
@@ -137,6 +142,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "configs":
         print(describe_configs())
         return 0
+    if args.command == "review":
+        return _review(args)
     overrides = list(args.overrides)
     if args.command == "merge" and args.w is not None:
         overrides.append(f"merge.w={args.w!r}")  # validated with the config, like any other field
@@ -178,7 +185,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         options["out"] = args.out
     manifest = pipeline.run_command(cfg, args.command, force=args.force, files=files, options=options)
     print(json.dumps({"stage": manifest.stage, "metrics": manifest.metrics, "outputs": manifest.outputs,
-                      "wall_seconds": round(time.time() - t0, 1)}, indent=2, default=str))
+                      "wall_seconds": round(time.time() - t0, 1)}, default=str))  # one line, like every --json
+    return 0
+
+
+def _review(args: argparse.Namespace) -> int:
+    from . import review
+
+    if args.ui:
+        return review.ui(args.output, args.port)
+    record = review.review(args.output)
+    print(json.dumps(record, default=str) if args.json else review.render(record))
     return 0
 
 

@@ -5,8 +5,10 @@ JSON artifact `spec`. `predict` takes a table with `label` and `seed` columns an
 samples (`png` for images, `vec` for vectors), sample i drawn from seed i exactly as neon-ray's own
 sampling does:
 
-    model = mlflow.pyfunc.load_model("models:/neon-fashion_mnist-diffusion-unet-p2s/1")
+    model = mlflow.pyfunc.load_model("models:/neon-fashion_mnist-diffusion-unet-p2s@champion")
     images = model.predict(pd.DataFrame({"label": [0, 1, 2], "seed": [7, 8, 9]}))
+
+The `neon_ray` package is logged with the model (`code_paths`), so it loads where neon-ray is not installed.
 """
 
 

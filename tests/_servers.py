@@ -111,12 +111,12 @@ class MLflowServer:
             self.proc.kill()
 
 
-def start_mlflow(root: Path) -> MLflowServer:
-    """`mlflow server` on loopback: sqlite backend, artifacts proxied into `root/artifacts`."""
+def start_mlflow(root: Path, port: int | None = None) -> MLflowServer:
+    """`mlflow server` on loopback: sqlite backend, artifacts proxied into `root/artifacts` (a given port: a restart)."""
     root.mkdir(parents=True, exist_ok=True)
-    port = free_port()
+    port = port or free_port()
     mlflow = Path(sys.executable).with_name("mlflow")
-    log = open(root / "server.log", "w")
+    log = open(root / "server.log", "a")
     proc = subprocess.Popen([str(mlflow), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts")],
                             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -65,3 +66,29 @@ def neon_ray_inprocess(*args: str, env: dict | None = None) -> subprocess.Comple
             else:
                 os.environ[k] = v
     return subprocess.CompletedProcess(["neon-ray", *args], code, out.getvalue(), err.getvalue())
+
+
+def without_checkout(env: dict, home) -> dict:
+    """An environment with the dependencies (this venv) but no neon-ray: no PYTHONPATH, a fresh home folder."""
+    home.mkdir(parents=True, exist_ok=True)
+    clean = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MLFLOW_TRACKING_URI")}
+    return {**clean, **env, "HOME": str(home)}
+
+
+def load_and_predict(uri: str, env: dict, folder) -> dict:
+    """`mlflow.pyfunc.load_model(uri)` and a prediction on its own input example, in a new process started in
+    an empty folder where `import neon_ray` fails."""
+    folder.mkdir(parents=True, exist_ok=True)
+    code = (
+        "import importlib.util, json, sys, mlflow\n"
+        "assert importlib.util.find_spec('neon_ray') is None, 'neon_ray is importable before loading'\n"
+        f"model = mlflow.pyfunc.load_model({uri!r})\n"
+        "example = model.input_example\n"
+        "out = model.predict(example)\n"
+        "column = out.columns[0]\n"
+        "print(json.dumps({'rows': len(out), 'column': column, 'head': out[column][0][:4].hex(),\n"
+        "                  'inputs': list(example.columns), 'signature': model.metadata.signature is not None}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])

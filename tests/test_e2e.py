@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from _support import TINY, neon_ray_cli
+from _support import TINY, load_and_predict, neon_ray_cli, without_checkout
 
 SUMMARY_FIELDS = ("fid_base", "fid_neon", "best_w", "guidance", "sampler", "base_class_consistency", "n_synthetic",
                   "finetune_images", "extra_compute_fraction", "stage_seconds", "trials", "registered_model")
@@ -105,6 +104,17 @@ def test_neon_ray_run_end_to_end(tmp_path, undisturbed_tiny_run):
     assert len(images) == 3 and images["png"][0][:4] == b"\x89PNG"
     count = len(runs)
 
+    # `neon-ray review` reads it back: the winner linked to its trial run, the alias, a model that loads without neon-ray.
+    reviewed = neon_ray_cli("review", str(out), "--json", timeout=300)
+    assert reviewed.returncode == 0, reviewed.stderr[-3000:]
+    record = json.loads(reviewed.stdout.strip().splitlines()[-1])
+    winner = next(t for t in record["trials"] if t["winner"])
+    assert winner["params"]["w"] == summary["best_w"] and all(t["run_id"] for t in record["trials"]) and not record["missing"]
+    assert record["registered_model"]["alias"] == "champion" and record["registered_model"]["trial_run_id"] == winner["run_id"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == str(version)
+    loaded = load_and_predict(record["registered_model"]["uri"], without_checkout({}, tmp_path / "home"), tmp_path / "empty")
+    assert loaded["rows"] == 1 and loaded["head"] == b"\x89PNG".hex() and loaded["signature"]
+
     # Rerun: every stage skipped, nothing logged twice, the same parent resumed.
     t0 = time.time()
     second = neon_ray_cli("run", str(TINY), "--output", str(out), *same, timeout=600, env={"MLFLOW_TRACKING_URI": ""})
@@ -121,6 +131,7 @@ def test_neon_ray_run_end_to_end(tmp_path, undisturbed_tiny_run):
     # A single-stage command logs into the same parent: `merge` at a chosen w.
     merged = neon_ray_cli("merge", str(TINY), "--output", str(out), *same, "--w", "0.25", env={"MLFLOW_TRACKING_URI": ""})
     assert merged.returncode == 0, merged.stderr[-3000:]
+    assert json.loads(merged.stdout.strip().splitlines()[-1])["stage"] == "merge"  # one single-line JSON object, last
     _, runs = mlflow_runs(out)
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
     assert [r.data.tags.get("stage") for r in runs].count("merge") == 1 and (out / "merge" / "model.safetensors").exists()

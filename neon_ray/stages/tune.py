@@ -86,9 +86,12 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
         registered = ctx.tracker.register_model(
             ctx.run_id, best_model, spec_of(cfg), settings,
             {"w": best["w"], "fid": top["fid"], "sampler": settings.model_dump(mode="json"), "n_eval": top["n"],
-             "feature_space": reference.feature_space, "config_hash": ctx.config_hash, "codec": dataset_of(cfg).kind})
+             "feature_space": reference.feature_space, "config_hash": ctx.config_hash, "codec": dataset_of(cfg).kind},
+            trial_key=best["key"])
         if registered:
-            rec.params |= {"registered_model": registered["name"], "registered_version": registered["version"]}
+            rec.params |= {"registered_model": registered["name"], "registered_version": registered["version"],
+                           "registered_alias": registered["alias"], "registered_trial_run": registered["trial_run_id"],
+                           "registered_uri": registered["path"]}
     return rec.finish()
 
 
