@@ -450,7 +450,8 @@ class Tracker:
         try:
             from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
-            logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # start/stop lines per stage
+            # Its start/stop lines per stage, and its warnings when a server stops answering (the tracker says that once).
+            logging.getLogger("mlflow.system_metrics").setLevel(logging.ERROR)
             monitor = SystemMetricsMonitor(run_id, sampling_interval=10, resume_logging=True, tracking_uri=self.uri)
             monitor.start()
         except Exception as exc:  # noqa: BLE001 - psutil missing, an unsupported platform: the stage runs without them
