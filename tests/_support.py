@@ -89,6 +89,22 @@ def load_and_predict(uri: str, env: dict, folder) -> dict:
         "print(json.dumps({'rows': len(out), 'column': column, 'head': out[column][0][:4].hex(),\n"
         "                  'inputs': list(example.columns), 'signature': model.metadata.signature is not None}))\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=folder, env=env, timeout=600, check=False)
+    proc = subprocess.run([dependencies_python(), "-c", code], capture_output=True, text=True, cwd=folder, env=env, timeout=600,
+                          check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def dependencies_python() -> str:
+    """The interpreter of the dependencies alone: scripts/setup_env.sh's shared venv, which this clone's venv layers
+    over with a .pth file (`site.addsitedir(...)`) and an editable install of the clone; else this interpreter."""
+    import glob
+    import re
+    import site
+
+    for folder in site.getsitepackages():
+        for pth in glob.glob(os.path.join(folder, "*.pth")):
+            found = re.search(r"addsitedir\((['\"])(.+?)\1\)", Path(pth).read_text())
+            if found and (python := Path(found.group(2)).parents[2] / "bin" / "python").exists():
+                return str(python)
+    return sys.executable
