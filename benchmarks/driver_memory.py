@@ -138,7 +138,7 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
-    cfg = load_config(ROOT / "jobs/configs/tiny.yaml", [
+    cfg = load_config("tiny", [
         "evaluate.extractor=pixel-pool", "evaluate.prc=false", "evaluate.floor=false", f"evaluate.actors={args.cpus}",
         "evaluate.cpus_per_actor=0.5", "evaluate.feature_batch_size=500", "mlflow.enabled=false"], args.out)
     sizes = [args.n * 2**k for k in range(args.steps)]

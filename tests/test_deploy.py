@@ -233,8 +233,8 @@ def test_rayjob_runs_neon_ray_on_shared_storage():
     args = build_parser().parse_args(shlex.split(spec["entrypoint"])[1:])
     assert shlex.split(spec["entrypoint"])[0] == "neon-ray" and args.command == "run"
     assert args.output and args.output.split("://")[0] in ("s3", "gs")
-    # The config by name: one shipped with the package (neon_ray/configs/; jobs/configs/ before it was package data).
-    assert any((ROOT / folder / f"{args.config}.yaml").exists() for folder in ("neon_ray/configs", "jobs/configs"))
+    # The config by name: one shipped with the package.
+    assert (ROOT / "neon_ray" / "configs" / f"{args.config}.yaml").exists()
     assert spec["shutdownAfterJobFinishes"] is True and spec["ttlSecondsAfterFinished"] > 0
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert set(runtime_env) == {"env_vars"} and runtime_env["env_vars"]["MLFLOW_TRACKING_URI"].startswith("http")
