@@ -7,7 +7,7 @@
 
 Each row fine-tunes the preset from the same random initialisation (torch seed 0) for --steps steps of
 AdamW at global batch --batch through Ray Train workers running DeepSpeed with the product's own
-DeepSpeed config (stages/finetune.py `deepspeed_config`) and its consolidation (`write_fp32_checkpoint`):
+DeepSpeed config (runtime/deepspeed.py `deepspeed_config`) and its consolidation (`write_fp32_checkpoint`):
 - zero0: 1 worker holding a full replica (two 675M replicas with fp32 Adam, ~11 GB each, do not fit in 24 GiB);
 - zero2, zero3, zero3+offload: 2 workers, the global batch split between them.
 Workers get 2 / workers torch threads each, so every row uses the same two cores, and the finetune stage's
@@ -84,7 +84,7 @@ def train_loop(cfg: dict) -> None:
     from neon_ray.config import FinetuneConfig
     from neon_ray.models import ModelSpec, get_family
     from neon_ray.models.checkpoint import SafetensorsReader
-    from neon_ray.stages.finetune import deepspeed_config, write_fp32_checkpoint
+    from neon_ray.runtime.deepspeed import deepspeed_config, write_fp32_checkpoint
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -137,11 +137,11 @@ def run_config(model: str, name: str, args, work: str) -> list[dict]:
 
     from neon_ray.models import ModelSpec
     from neon_ray.runtime.train import host_memory_env
-    from neon_ray.stages.finetune import parameter_count
+    from neon_ray.runtime.deepspeed import network_facts
 
     zero, offload, workers = CONFIGS[name]
     family_name, shape, classes = SPECS[model]
-    parameters = parameter_count(ModelSpec(family_name, model, shape, classes))
+    parameters = network_facts(ModelSpec(family_name, model, shape, classes), activation_checkpointing=False)
     out = tempfile.mkdtemp(prefix=f"{name}-", dir=work)
     slug = slug_of(model, args.bf16)
     cfg = {"model": model, "zero": zero, "offload": offload, "batch": args.batch, "steps": args.steps, "out": out, "bf16": args.bf16,

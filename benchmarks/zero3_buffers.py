@@ -36,7 +36,7 @@ def main() -> None:
 
     from neon_ray.config import FinetuneConfig
     from neon_ray.models import ModelSpec, get_family
-    from neon_ray.stages.finetune import deepspeed_config
+    from neon_ray.runtime.deepspeed import deepspeed_config
 
     deepspeed.init_distributed("gloo")
     family = get_family("diffusion")(ModelSpec("diffusion", args.preset, (4, 32, 32), 1000))

@@ -152,7 +152,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if args.command in ("run", "finetune"):  # before anything is written: generation alone takes minutes
-        from .runtime.train import check_deepspeed
+        from .runtime.deepspeed import check_deepspeed
 
         check_deepspeed(cfg.finetune.zero_stage)
     # Before any stage, Ray or MLflow set-up: the output must take writes and the tracking server must answer.

@@ -220,13 +220,13 @@ class SearchDimension(Section):
         return self.choice is None
 
 
-SEARCHERS = ("grid", "optuna", "bracket")
+Searcher = Literal["grid", "optuna", "bracket"]
 
 
 class TuneConfig(Section):
     w_grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5],
                                 description="The w values of the grid searcher (when tune.space has no `w`), and the default w range (min..max) of the others.")
-    search: Literal["grid", "optuna", "bracket"] = Field("grid", description="grid: every combination; optuna: Optuna's TPE through Ray Tune's OptunaSearch; bracket: golden-section over w at each sampler setting.")
+    search: Searcher = Field("grid", description="grid: every combination; optuna: Optuna's TPE through Ray Tune's OptunaSearch; bracket: golden-section over w at each sampler setting.")
     space: dict[str, SearchDimension] = Field(default_factory=dict, description="Searched fields: `w` and any field of the family's sampler, each a choice list or a range. Sampler fields searched here are searched for the base (w = 0) too.")
     num_trials: int = Field(20, ge=2, description="Trials of the optuna searcher (base and Neon arms together).")
     bracket_steps: int = Field(5, ge=2, description="Golden-section evaluations of w per sampler setting (bracket searcher), besides w = 0.")

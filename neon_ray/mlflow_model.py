@@ -29,7 +29,7 @@ class NeonSampler(PythonModel):
             meta = json.load(fh)
         spec = ModelSpec(meta["family"], meta["preset"], tuple(meta["image_shape"]), int(meta["num_classes"]), dict(meta["options"]))
         self.family, self.net = load_model(spec, context.artifacts["weights"])
-        self.settings = self.family.sampler_settings(meta["sampler"])
+        self.settings = self.family.validate_sampler(meta["sampler"])
         self.codec = CODECS[meta["codec"]]
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:

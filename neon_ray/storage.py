@@ -38,6 +38,11 @@ def redact_uri(text: str) -> str:
     return _USERINFO.sub(lambda m: m.group("scheme") + "***@", text)
 
 
+def without_userinfo(uri: str) -> str:
+    """`scheme://user:secret@host/...` → `scheme://host/...` (an address to show or compare, credentials dropped)."""
+    return _USERINFO.sub(lambda m: m.group("scheme"), uri)
+
+
 def join(base: str, *parts: str) -> str:
     out = base.rstrip("/")
     for part in parts:
@@ -178,24 +183,6 @@ def upload_file_atomic(local_path: str, uri: str) -> None:
     fs.mv(tmp, path)
 
 
-def move_dir(src_uri: str, dest_uri: str) -> None:
-    """Replace `dest_uri` by the finished directory `src_uri` (same filesystem): one rename where it has them."""
-    fs, dest = filesystem(dest_uri)
-    _, src = filesystem(src_uri)
-    if fs.exists(dest):
-        fs.rm(dest, recursive=True)
-    if not is_object_store(fs):
-        fs.mv(src, dest, recursive=True)
-        return
-    # Object stores have no directories to rename: copy every object (never a directory marker), then delete.
-    # Readers only trust the directory once the stage's manifest is written, after this returns.
-    src = src.rstrip("/")
-    for key in fs.find(src):
-        fs.copy(key, dest.rstrip("/") + key[len(src):])
-    fs.rm(src, recursive=True)
-
-
-@contextlib.contextmanager
 def local_copy(uri: str, what: str = "file") -> Iterator[str]:
     """A local filesystem path for `uri` (the path itself when local, else a temp download)."""
     fs, path = filesystem(uri)

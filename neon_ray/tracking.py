@@ -54,7 +54,6 @@ LEASE_FILE = "mlflow.lease"
 LEASE_SECONDS = 600.0  # a killed driver on another machine holds an output this long; a live one renews every third of it
 CHAMPION = "champion"
 _SECRET_KEY = re.compile(r"(pass(word)?|secret|token|api[_-]?key|credential|auth)", re.I)
-_URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 
 
 def redact(value: Any, key: str = "") -> Any:
@@ -66,7 +65,7 @@ def redact(value: Any, key: str = "") -> Any:
     if isinstance(value, list):
         return [redact(v, key) for v in value]
     if isinstance(value, str):
-        return _URI_USERINFO.sub(lambda m: m.group("scheme") + "***@", value)
+        return storage.redact_uri(value)
     return value
 
 
@@ -131,7 +130,7 @@ def check_tracking(cfg: RunConfig) -> None:
     field = "mlflow.tracking_uri" if cfg.mlflow.tracking_uri else "MLFLOW_TRACKING_URI"
     shown = redact(uri)
     try:
-        base = _URI_USERINFO.sub(lambda m: m.group("scheme"), uri).rstrip("/")
+        base = storage.without_userinfo(uri).rstrip("/")
         with urllib.request.urlopen(f"{base}/health", timeout=10) as resp:
             resp.read()
     except (urllib.error.URLError, OSError, ValueError) as exc:
@@ -368,7 +367,7 @@ class Tracker:
         """At a stage end: is the server back? Then log the stages that finished meanwhile."""
         if not self.unreachable:
             return True
-        base = _URI_USERINFO.sub(lambda m: m.group("scheme"), self.uri).rstrip("/")
+        base = storage.without_userinfo(self.uri).rstrip("/")
         try:
             with urllib.request.urlopen(f"{base}/health", timeout=10) as resp:
                 resp.read()

@@ -10,7 +10,7 @@ import torch
 
 from neon_ray.errors import NeonError
 from neon_ray.models import ModelSpec, get_family
-from neon_ray.models.checkpoint import check_state_dict
+from neon_ray.models.base import check_state_dict
 from neon_ray.runtime.seeds import balanced_labels, sample_seeds
 
 

@@ -38,7 +38,7 @@ def test_plugin_that_is_not_a_family_is_refused(tmp_path):
                         env=_env(PLUGIN_DIR))
     assert proc.returncode == 2 and "model.family" in proc.stderr and "not a ModelFamily" in proc.stderr
     proc = neon_ray_cli("show-config", str(TINY), "--set", "model.family=no_such_module:Family")
-    assert proc.returncode == 2 and "model.family: cannot import plugin" in proc.stderr
+    assert proc.returncode == 2 and "model.family: cannot import model family plugin" in proc.stderr
 
 
 @pytest.mark.slow

@@ -7,7 +7,6 @@ model family accepts flows through the same Ray stages.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar, Literal
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from .. import storage
 from ..errors import ConfigError
+from ..plugins import load_plugin
 from .codec import CODECS, SampleCodec
 
 Split = Literal["train", "test"]
@@ -73,15 +73,9 @@ def get_dataset(name: str, path: str | None = None, download: bool = True, field
     from . import digits, fashion_mnist, toy  # noqa: F401  (register built-ins)
 
     if ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            cls = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"{field}: cannot import dataset plugin {name!r} ({exc})") from None
+        cls = load_plugin(name, field, Dataset, "dataset")
     elif name in _DATASETS:
         cls = _DATASETS[name]
     else:
         raise ConfigError(f"{field}: unknown dataset {name!r}; known: {sorted(_DATASETS)} or a module:attr plugin")
-    if not (isinstance(cls, type) and issubclass(cls, Dataset)):
-        raise ConfigError(f"{field}: dataset plugin {name!r} is not a neon_ray.data.Dataset subclass")
     return cls(path=path, download=download, options=options)

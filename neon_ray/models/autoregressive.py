@@ -247,7 +247,7 @@ class AutoregressiveFamily(ModelFamily):
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):
-        s = self.sampler_settings(settings)
+        s = self.validate_sampler(settings)
         core = getattr(net, "module", net)  # DDP/DeepSpeed wrappers keep the network in .module
         dev, b, n = labels.device, labels.shape[0], self.seq_len
         # All randomness of sample i up front: one uniform per token from seeds[i].

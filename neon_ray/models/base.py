@@ -14,7 +14,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, ValidationError
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, NeonError
 
 
 @dataclass(frozen=True)
@@ -76,11 +76,6 @@ class ModelFamily(ABC):
                 raise ConfigError(f"{field}.{key}: unknown option for {cls.name} preset {preset!r}; known: {sorted(known)}")
 
     @classmethod
-    def sampler_settings(cls, settings: SamplerSettings | dict[str, Any]) -> SamplerSettings:
-        """`settings` as this family's sampler schema (a dict from a config or Parquet metadata is validated)."""
-        return settings if isinstance(settings, cls.sampler_schema) else cls.sampler_schema.model_validate(settings)
-
-    @classmethod
     def validate_sampler(cls, settings: dict[str, Any] | SamplerSettings, field: str = "sampler") -> SamplerSettings:
         """`settings` parsed into this family's typed sampler schema; a bad field is a one-line error naming it."""
         if isinstance(settings, cls.sampler_schema):
@@ -107,10 +102,6 @@ class ModelFamily(ABC):
     def sample(self, net: nn.Module, labels: torch.Tensor, seeds: list[int], settings: SamplerSettings) -> torch.Tensor:
         """Images (B, C, H, W) in [-1, 1]. All randomness of sample i comes from seeds[i]."""
 
-    def merge_keys(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
-        """Names of the tensors Neon extrapolates (default: all; integer/inf tensors are copied by merge)."""
-        return list(state_dict)
-
     def enable_activation_checkpointing(self, net: nn.Module) -> None:
         """Recompute block activations in the backward pass (networks with an `activation_checkpointing` switch)."""
         if not hasattr(net, "activation_checkpointing"):
@@ -120,7 +111,26 @@ class ModelFamily(ABC):
 
     def load_state_dict(self, net: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
         """Load weights strictly; a missing or unexpected key lists the keys and names the file."""
-        from .checkpoint import check_state_dict
-
         check_state_dict(net, state_dict, source)
         net.load_state_dict(state_dict, strict=True)
+
+
+def check_state_dict(net: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape))
+    problems = []
+    if missing:
+        problems.append(f"missing keys {_abbrev(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys {_abbrev(unexpected)}")
+    if wrong:
+        problems.append("wrong shapes " + _abbrev([f"{k} {tuple(state_dict[k].shape)}≠{tuple(expected[k].shape)}" for k in wrong]))
+    if problems:
+        raise NeonError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
+
+
+def _abbrev(items: list[str], limit: int = 8) -> str:
+    head = ", ".join(items[:limit])
+    return f"[{head}{', ...+%d' % (len(items) - limit) if len(items) > limit else ''}]"

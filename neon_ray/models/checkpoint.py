@@ -15,8 +15,6 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
-from torch import nn
 
 from .. import storage
 from ..errors import NeonError
@@ -47,18 +45,15 @@ def weights_only_loads(allowed: Iterable[type] = ()) -> Iterator[None]:
 
 def save_checkpoint(uri: str, state_dict: dict[str, torch.Tensor], spec: ModelSpec, **extra: Any) -> None:
     """Write `state_dict` as safetensors with the model spec (and e.g. train_images) in its metadata."""
-    meta = spec.to_metadata() | {k: json.dumps(v) for k, v in extra.items()}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    with tempfile.TemporaryDirectory(prefix="neon-ckpt-") as tmp:
-        local = os.path.join(tmp, "model.safetensors")
-        save_file(tensors, local, metadata=meta)
-        storage.upload_file_atomic(local, uri)
+    layout = [(name, t.dtype, tuple(t.shape)) for name, t in state_dict.items()]
+    save_checkpoint_streaming(uri, layout, state_dict.items(), spec, **extra)
 
 
 def save_checkpoint_streaming(uri: str, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
                               tensors: Iterable[tuple[str, torch.Tensor]], spec: ModelSpec, **extra: Any) -> None:
-    """`save_checkpoint` for tensors that arrive one at a time, in `layout` order (name, dtype, shape):
-    each is written and dropped, so the whole state dict is never in memory (a ZeRO-3 gather)."""
+    """Write tensors that arrive one at a time, in `layout` order (name, dtype, shape), as one safetensors file with the
+    model spec (and e.g. train_images) in its metadata: each is written and dropped, so the whole state dict need
+    never be in memory (a ZeRO-3 gather, a merge). The file appears at `uri` whole or not at all."""
     meta = spec.to_metadata() | {k: json.dumps(v) for k, v in extra.items()}
     with tempfile.TemporaryDirectory(prefix="neon-ckpt-") as tmp:
         local = os.path.join(tmp, "model.safetensors")
@@ -117,27 +112,6 @@ def load_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
                             "torch.save of plain tensors), and point model.checkpoint at that file") from None
         except Exception as exc:  # noqa: BLE001
             raise NeonError(f"unreadable checkpoint {uri}: {type(exc).__name__}: {str(exc)[:200]}") from None
-
-
-def check_state_dict(net: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    wrong = sorted(k for k in set(expected) & set(state_dict) if tuple(expected[k].shape) != tuple(state_dict[k].shape))
-    problems = []
-    if missing:
-        problems.append(f"missing keys {_abbrev(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys {_abbrev(unexpected)}")
-    if wrong:
-        problems.append("wrong shapes " + _abbrev([f"{k} {tuple(state_dict[k].shape)}≠{tuple(expected[k].shape)}" for k in wrong]))
-    if problems:
-        raise NeonError(f"checkpoint {source} does not fit the model: " + "; ".join(problems))
-
-
-def _abbrev(items: list[str], limit: int = 8) -> str:
-    head = ", ".join(items[:limit])
-    return f"[{head}{', ...+%d' % (len(items) - limit) if len(items) > limit else ''}]"
 
 
 class StreamingSafetensorsWriter:

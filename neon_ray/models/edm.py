@@ -83,7 +83,7 @@ class EDMFamily(DenoiserFamily):
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):
-        s = self.sampler_settings(settings)
+        s = self.validate_sampler(settings)
         net = self.network(net, s.compile)
         dev = labels.device
         gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]

@@ -139,7 +139,7 @@ class FewStepFamily(ModelFamily):
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):
-        s = self.sampler_settings(settings)
+        s = self.validate_sampler(settings)
         h = self.hparams
         dev, shape = labels.device, self.spec.image_shape
         gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]

@@ -134,7 +134,7 @@ class FlowFamily(DenoiserFamily):
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):
-        s = self.sampler_settings(settings)
+        s = self.validate_sampler(settings)
         net = self.network(net, s.compile)
         gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         x = self.noise_like_data(gens, labels.device)  # x at t = 0 (noise)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import importlib
 from importlib.metadata import entry_points
 
 from ..errors import ConfigError
+from ..plugins import load_plugin
 from .base import ModelFamily
 
 _FAMILIES: dict[str, type[ModelFamily]] = {}
@@ -24,14 +24,7 @@ def _load_builtins() -> None:
 
 
 def _load_plugin(path: str, field: str) -> type[ModelFamily]:
-    module_name, _, attr = path.partition(":")
-    try:
-        obj = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise ConfigError(f"{field}: cannot import plugin {path!r} ({exc})") from None
-    if not (isinstance(obj, type) and issubclass(obj, ModelFamily)):
-        raise ConfigError(f"{field}: plugin {path!r} is not a ModelFamily subclass")
-    return obj
+    return load_plugin(path, field, ModelFamily, "model family")
 
 
 def get_family(name: str, field: str = "model.family") -> type[ModelFamily]:

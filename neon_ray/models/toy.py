@@ -95,7 +95,7 @@ class ToyDDPMFamily(_ToyFamily):
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):
-        s = self.sampler_settings(settings)
+        s = self.validate_sampler(settings)
         dev = labels.device
         noise = self._noise(seeds, s.steps + 1, dev)  # x_T, then one draw per ancestral step
         x = noise[:, 0]  # (B, D)
@@ -137,7 +137,7 @@ class ToyFlowFamily(_ToyFamily):
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):
-        s = self.sampler_settings(settings)
+        s = self.validate_sampler(settings)
         dev = labels.device
         x = s.temperature * self._noise(seeds, 1, dev)[:, 0]  # (B, D)
         dt = 1.0 / s.steps

@@ -371,7 +371,7 @@ class XARFamily(DenoiserFamily):
     @torch.no_grad()
     def sample_tokens(self, net, labels, seeds, settings) -> torch.Tensor:
         """Generated tokens (B, N, C·p·p) in cluster order, cluster after cluster. All noise of sample i from seeds[i]."""
-        s = self.sampler_settings(settings)
+        s = self.validate_sampler(settings)
         core = getattr(net, "module", net)  # DDP/DeepSpeed wrappers keep the network in .module
         dev, b = labels.device, labels.shape[0]
         gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]

@@ -45,7 +45,7 @@ class SamplerActor:
         if self.device.type == "cpu":
             set_torch_threads(threads)
         self.family, self.net = load_model(spec, checkpoint, self.device)
-        self.settings = self.family.sampler_settings(settings)
+        self.settings = self.family.validate_sampler(settings)
         self.seed, self.stream, self.bf16, self.dest = seed, stream, bf16, dest
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

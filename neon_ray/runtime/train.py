@@ -6,24 +6,21 @@ through `ray.train.get_checkpoint()` after a worker failure (FailureConfig) and 
 run again after the driver stopped (Ray Train restores a run from its storage by name). The run name
 holds the stage's config hash, so a checkpoint of another config is never picked up.
 
-Loading never unpickles: plain training state is `torch.load(weights_only=True)`; DeepSpeed's own
-checkpoint files are loaded by DeepSpeed with torch's weights-only unpickler forced on and only
-DeepSpeed's three plain record types allowed.
+Loading never unpickles: plain training state is `torch.load(weights_only=True)` (DeepSpeed's own state:
+runtime/deepspeed.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
 
 import torch
 
 from .. import storage
 from ..errors import NeonError
-from .cluster import ray_storage
+from .cluster import ray_storage, resolve_use_gpu
 from .progress import emit
 
 log = logging.getLogger("neon_ray")
@@ -40,15 +37,6 @@ STATE_FILE = "state.pt"
 # all, so large models get 128 KiB and small ones 4 MiB (above which a large model's weights would lie anyway).
 # `python benchmarks/host_allocator.py` and `benchmarks/finetune_memory.py` measure both sides.
 LARGE_MODEL_PARAMETERS = 100_000_000
-
-
-def check_deepspeed(zero_stage: int) -> None:
-    """The fine-tune runs DeepSpeed at every ZeRO stage; it is the `deepspeed` extra, since its build needs torch first."""
-    import importlib.util
-
-    if importlib.util.find_spec("deepspeed") is None:
-        raise NeonError(f"finetune.zero_stage: ZeRO stage {zero_stage} needs DeepSpeed, which is not installed: "
-                        'pip install --no-build-isolation "neon-ray[deepspeed]" (once torch is installed)')
 
 
 def host_memory_env(parameters: int) -> dict[str, str]:
@@ -104,7 +92,38 @@ def fresh_start(storage_uri: str, name: str) -> None:
     storage.remove(storage.join(storage_uri, name))
 
 
-_OOM_MARKS = ("OutOfMemoryError", "out of memory", "running low on memory", "MemoryError", "OOM")
+def torch_trainer(loop, loop_config: dict, section, name: str, stage_dir: str, fresh: bool, use_gpu: bool | None = None,
+                  worker_env: dict[str, str] | None = None, reports_to=None):
+    """A TorchTrainer for a training stage: `section.workers` workers of `section.cpus_per_worker` CPUs each (GPUs per
+    `use_gpu`, default `section.use_gpu` resolved against the cluster), placed by `section.placement_strategy`, its
+    state under `<stage_dir>/ray/<name>` (forgotten first when `fresh`), `section.max_failures` worker failures
+    recovered from the latest checkpoint."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = resolve_use_gpu(section.use_gpu) if use_gpu is None else use_gpu
+    ray_dir = storage.join(stage_dir, "ray")
+    if fresh:
+        fresh_start(ray_dir, name)
+    return TorchTrainer(
+        loop, train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=section.workers, use_gpu=use_gpu, resources_per_worker={"CPU": section.cpus_per_worker},
+                                     placement_strategy=section.placement_strategy),
+        run_config=train_run_config(name, ray_dir, section.max_failures, worker_env=worker_env, reports_to=reports_to))
+
+
+# A worker the OS or Ray's memory monitor killed leaves no exception of its own, only text.
+_KILLED_FOR_MEMORY = ("out of memory", "running low on memory", "OOM")
+
+
+def ran_out_of_memory(error: BaseException) -> bool:
+    """Whether a failed training run's workers ran out of memory: an out-of-memory exception where a worker raised one."""
+    import ray.exceptions
+
+    failures = list(getattr(error, "worker_failures", {}).values()) or [error.__cause__ or error]
+    if any(isinstance(e, (torch.OutOfMemoryError, MemoryError, ray.exceptions.OutOfMemoryError)) for e in failures):
+        return True
+    return any(mark in str(e) for e in failures for mark in _KILLED_FOR_MEMORY)
 
 
 def fit(trainer, stage: str, max_failures: int, out_of_memory: str = ""):
@@ -118,7 +137,7 @@ def fit(trainer, stage: str, max_failures: int, out_of_memory: str = ""):
         cause = exc.__cause__ or exc
         text = str(cause)
         last = next((line.strip() for line in reversed(text.strip().splitlines()) if line.strip()), type(cause).__name__)
-        if out_of_memory and any(mark in text for mark in _OOM_MARKS):
+        if out_of_memory and ran_out_of_memory(exc):
             raise NeonError(f"{stage}: a worker ran out of memory ({last[:160]}); {out_of_memory}; nothing was written") from None
         raise NeonError(f"{stage}: training failed after {max_failures} recovered failure(s); last worker error: {last[:300]}") from None
 
@@ -157,61 +176,3 @@ def restored_state(stage: str, config_hash: str) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - a torn, corrupt or foreign checkpoint means "start over", never reuse
         emit(f"[{stage}] checkpoint {checkpoint.path} cannot be used ({type(exc).__name__}: {str(exc)[:160]}); starting afresh")
         return None
-
-
-# ----------------------------------------------------------------------------------------------
-# DeepSpeed state (finetune)
-
-
-@contextlib.contextmanager
-def deepspeed_weights_only() -> Iterator[None]:
-    """DeepSpeed loads its checkpoint files with a full unpickler (torch.load with weights_only off): force the weights-only
-    unpickler, allowing only DeepSpeed's plain records (loss-scaler settings, the ZeRO stage enum, fragment
-    addresses)."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    from ..models.checkpoint import weights_only_loads
-
-    with weights_only_loads([LossScaler, ZeroStageEnum, fragment_address]):
-        yield
-
-
-DS_TAG = "ds"
-
-
-def report_deepspeed(engine, metrics: dict, client_state: dict) -> None:
-    """Every rank writes its part of DeepSpeed's checkpoint (engine.save_checkpoint) and reports it; Ray Train
-    gathers the parts of all ranks into one checkpoint directory."""
-    import ray.train
-    from ray.train import Checkpoint
-
-    with tempfile.TemporaryDirectory(prefix="neon-ds-") as tmp:
-        engine.save_checkpoint(tmp, tag=DS_TAG, client_state=client_state, save_latest=False)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-
-
-class UnusableCheckpoint(Exception):
-    """The latest checkpoint could not be loaded (said in one line); the engine may hold part of it: rebuild it."""
-
-
-def restore_deepspeed(engine, stage: str, config_hash: str) -> dict | None:
-    """Load the latest checkpoint of this run into `engine` (DeepSpeed's own API) and return its client state;
-    None without a checkpoint; UnusableCheckpoint when it cannot be used (then start afresh on a new engine)."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None:
-        return None
-    try:
-        with checkpoint.as_directory() as folder, deepspeed_weights_only():
-            path, client = engine.load_checkpoint(folder, tag=DS_TAG, load_module_strict=True)
-        if path is None:
-            raise ValueError("no DeepSpeed checkpoint in it")
-        if client.get("config_hash") != config_hash:
-            raise ValueError(f"it was made for config {client.get('config_hash')}, this run is {config_hash}")
-        return client
-    except Exception as exc:  # noqa: BLE001 - see restored_state
-        emit(f"[{stage}] checkpoint {checkpoint.path} cannot be used ({type(exc).__name__}: {str(exc)[:160]}); starting afresh")
-        raise UnusableCheckpoint(str(exc)) from None

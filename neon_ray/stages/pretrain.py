@@ -38,23 +38,12 @@ def run(p: PretrainConfig, ctx: StageContext) -> Manifest:
     rec = ctx.start()
     ensure_ray(cfg.ray)
 
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from ..runtime.train import fit, fresh_start, train_run_config
+    from ..runtime.train import fit, torch_trainer
 
     use_gpu = resolve_use_gpu(p.use_gpu)
-    name, ray_dir = f"pretrain-{ctx.config_hash}", storage.join(rec.dir, "ray")
-    if ctx.force:
-        fresh_start(ray_dir, name)
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"spec": spec_of(cfg), "data": cfg.data.model_dump(), "section": p.model_dump(), "seed": cfg.seed,
-                           "stage_dir": rec.dir, "config_hash": ctx.config_hash},
-        scaling_config=ScalingConfig(num_workers=p.workers, use_gpu=use_gpu, resources_per_worker={"CPU": p.cpus_per_worker},
-                                     placement_strategy=p.placement_strategy),
-        run_config=train_run_config(name, ray_dir, p.max_failures),
-    )
+    trainer = torch_trainer(_train_loop, {"spec": spec_of(cfg), "data": cfg.data.model_dump(), "section": p.model_dump(),
+                                          "seed": cfg.seed, "stage_dir": rec.dir, "config_hash": ctx.config_hash},
+                            p, f"pretrain-{ctx.config_hash}", rec.dir, fresh=ctx.force, use_gpu=use_gpu)
     fit(trainer, "pretrain", p.max_failures)
     summary = storage.read_json(storage.join(rec.dir, "train_summary.json"))
     rec.outputs = {"model": storage.join(rec.dir, BASE_MODEL), "history": storage.join(rec.dir, "history.json")}
@@ -97,6 +86,11 @@ def _train_loop(loop_cfg: dict) -> None:
         step0, history = int(state["step"]), list(state.get("history", []))
         if rank == 0:
             shown.update(f"[pretrain] resuming at step {step0}/{p.steps} from the latest checkpoint", final=True)
+    for group in opt.param_groups:  # a checkpoint written before the schedule was a LambdaLR lacks it
+        group.setdefault("initial_lr", p.lr)
+    # The rate is a function of the step alone, so a resumed run picks the schedule up at its step.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, p.steps, p.warmup_steps, final_fraction=0.05),
+                                              last_epoch=step0 - 1)
     net.to(device)
     ema.to(device)
     model = ray.train.torch.prepare_model(net) if world > 1 else net
@@ -108,8 +102,6 @@ def _train_loop(loop_cfg: dict) -> None:
     t0, seen0, running = time.time(), step0 * p.batch_size, []
     for step in range(step0, p.steps):
         torch.manual_seed(derive_seed(seed, "pretrain-torch", rank, step))  # dropout etc.: the same draws after a resume
-        for group in opt.param_groups:
-            group["lr"] = p.lr * warmup_cosine(step, p.steps, p.warmup_steps, final_fraction=0.05)
         g = torch.Generator().manual_seed(derive_seed(seed, "pretrain-batch", step))
         idx = torch.randint(0, len(labels_t), (p.batch_size,), generator=g)[rank::world]
         x = dataset.codec.to_model(images_t[idx]).to(device)
@@ -119,8 +111,10 @@ def _train_loop(loop_cfg: dict) -> None:
             loss = family.training_loss(model, x, y, noise_gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        lr = sched.get_last_lr()[0]  # this step's rate
         torch.nn.utils.clip_grad_norm_(net.parameters(), p.grad_clip)
         opt.step()
+        sched.step()
         ema_update(ema, net, p.ema_decay)
         running.append(loss.item())
 
@@ -128,7 +122,7 @@ def _train_loop(loop_cfg: dict) -> None:
             rate = ((step + 1) * p.batch_size - seen0) / max(time.time() - t0, 1e-9)
             mean_loss = sum(running) / len(running)
             running = []
-            history.append({"step": step + 1, "loss": mean_loss, "lr": opt.param_groups[0]["lr"]})
+            history.append({"step": step + 1, "loss": mean_loss, "lr": lr})
             if rank == 0:
                 eta = (p.steps - step - 1) * p.batch_size / max(rate, 1e-9)
                 shown.update(f"[pretrain] step {step + 1}/{p.steps} loss {mean_loss:.4f} {rate:.0f} img/s eta {eta / 60:.1f} min",
