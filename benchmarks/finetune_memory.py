@@ -11,7 +11,7 @@ DeepSpeed config (runtime/deepspeed.py `deepspeed_config`) and its consolidation
 - zero0: 1 worker holding a full replica (two 675M replicas with fp32 Adam, ~11 GB each, do not fit in 24 GiB);
 - zero2, zero3, zero3+offload: 2 workers, the global batch split between them.
 Workers get 2 / workers torch threads each, so every row uses the same two cores, and the finetune stage's
-worker environment (runtime/train.py host_memory_env) and DeepSpeed bucket sizes. A configuration whose workers
+worker environment (runtime/ray_train.py host_memory_env) and DeepSpeed bucket sizes. A configuration whose workers
 do not fit (Ray's memory monitor stops them) prints a "did not run" row and the script goes on.
 
 The loss is a fixed regression of the network's output onto targets drawn per row from (seed, step, row)
@@ -136,7 +136,7 @@ def run_config(model: str, name: str, args, work: str) -> list[dict]:
     from ray.train.torch import TorchTrainer
 
     from neon_ray.models import ModelSpec
-    from neon_ray.runtime.train import host_memory_env
+    from neon_ray.runtime.ray_train import host_memory_env
     from neon_ray.runtime.deepspeed import network_facts
 
     zero, offload, workers = CONFIGS[name]

@@ -1,4 +1,4 @@
-"""The CPU training workers' glibc settings (runtime/train.py host_memory_env: 128 KiB for models of
+"""The CPU training workers' glibc settings (runtime/ray_train.py host_memory_env: 128 KiB for models of
 ≥ 100M parameters, 4 MiB for smaller ones), against glibc's default, side by side in one run:
 
     python benchmarks/host_allocator.py [--steps 20] [--large-preset DiT-XL/2]
@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TRAIN = """
 import time, torch
 from neon_ray.config import load_config
-from neon_ray.runtime.checkpoints import family_for, spec_of
+from neon_ray.runtime.run_model import family_for, spec_of
 torch.set_num_threads(1)
 torch.manual_seed(0)
 family = family_for(spec_of(load_config("quickstart", [], "/tmp/unused")))
@@ -43,7 +43,7 @@ print(32 * {steps} / (time.perf_counter() - t0))
 PARTITION = """
 import gc, psutil, torch
 from neon_ray.models import ModelSpec
-from neon_ray.runtime.checkpoints import family_for
+from neon_ray.runtime.run_model import family_for
 family = family_for(ModelSpec(family="diffusion", preset="{preset}", image_shape=(4, 32, 32), num_classes=1000, options={{}}))
 scratch = torch.empty(30 << 18); del scratch  # one 30 MB free first
 net = family.build()
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--large-preset", default="DiT-XL/2")
     args = parser.parse_args()
-    from neon_ray.runtime.train import LARGE_MODEL_PARAMETERS, host_memory_env
+    from neon_ray.runtime.ray_train import LARGE_MODEL_PARAMETERS, host_memory_env
 
     settings = {"glibc default": {}, "large models: 128 KiB": host_memory_env(LARGE_MODEL_PARAMETERS),
                 "small models: 4 MiB": host_memory_env(0)}

@@ -34,7 +34,7 @@ def plain_loop(cfg, checkpoint: str, n: int, threads: int, reference) -> tuple[f
     from neon_ray.data.codec import CODECS
     from neon_ray.fid.extractors import create_extractor, get_extractor, prepare
     from neon_ray.fid.stats import Moments, Statistics, frechet_distance
-    from neon_ray.runtime.checkpoints import load_model, spec_of
+    from neon_ray.runtime.run_model import load_model, spec_of
     from neon_ray.runtime.seeds import balanced_labels, sample_seeds
 
     torch.set_num_threads(threads)
@@ -57,7 +57,7 @@ def plain_loop(cfg, checkpoint: str, n: int, threads: int, reference) -> tuple[f
 
 
 def ray_path(cfg, checkpoint: str, n: int, dest: str, reference) -> tuple[float, float]:
-    from neon_ray.runtime.checkpoints import spec_of
+    from neon_ray.runtime.run_model import spec_of
     from neon_ray.runtime.sampling import sample_to_parquet
     from neon_ray.scoring import score_samples
 

@@ -53,14 +53,14 @@ class StageInputs:
 
 
 def _dataset_identity(cfg: RunConfig) -> dict:
-    from .runtime.checkpoints import dataset_of
+    from .runtime.run_model import dataset_of
 
     return dataset_of(cfg).identity()
 
 
 def _data_spec(cfg: RunConfig) -> dict:
     """What a model built for this data needs of it (not its content): shape, classes, codec."""
-    from .runtime.checkpoints import dataset_of
+    from .runtime.run_model import dataset_of
 
     ds = dataset_of(cfg)
     return {"name": cfg.data.name, "shape": list(ds.sample_shape), "classes": ds.num_classes, "kind": ds.kind}

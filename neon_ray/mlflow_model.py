@@ -23,7 +23,7 @@ class NeonSampler(PythonModel):
     def load_context(self, context) -> None:
         from neon_ray.data.codec import CODECS
         from neon_ray.models import ModelSpec
-        from neon_ray.runtime.checkpoints import load_model
+        from neon_ray.runtime.run_model import load_model
 
         with open(context.artifacts["spec"]) as fh:
             meta = json.load(fh)

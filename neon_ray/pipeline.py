@@ -32,7 +32,6 @@ from .context import StageContext
 from .errors import NeonError
 from .inputs import BASE, StageInputs, fingerprint_inputs
 from .manifest import Manifest, read_manifest
-from .runtime.checkpoints import checkpoint_identity
 from .stages import evaluate, finetune, generate, merge, pretrain, tune
 from .tracking import Tracker, redact
 
@@ -72,9 +71,9 @@ def plan(cfg: RunConfig) -> list[str]:
 def dependency_hash(cfg: RunConfig, dependency: str, files: dict[str, str] | None = None) -> str:
     files = files or {}
     if dependency in files:
-        return checkpoint_identity(files[dependency], field=f"--{dependency}")
+        return storage.file_identity(files[dependency], field=f"--{dependency}")
     if dependency == BASE:
-        return checkpoint_identity(cfg.model.checkpoint) if cfg.model.checkpoint else f"pretrain:{stage_hash(cfg, 'pretrain')}"
+        return storage.file_identity(cfg.model.checkpoint, "model.checkpoint") if cfg.model.checkpoint else f"pretrain:{stage_hash(cfg, 'pretrain')}"
     return stage_hash(cfg, dependency)
 
 
@@ -247,7 +246,7 @@ def _summary(cfg: RunConfig, m: dict[str, Manifest], seconds: dict[str, float], 
 def _images(cfg: RunConfig, m: dict[str, Manifest], summary: dict, tmp: str) -> dict[str, str]:
     """Render the comparison grid and the search's plots into `tmp`; upload them next to summary.json."""
     from .report import save_comparison_grid, save_fid_curves, save_fid_heatmap
-    from .runtime.checkpoints import dataset_of
+    from .runtime.run_model import dataset_of
 
     final = summary.get("headline")
     base_samples = (storage.resolve(cfg.output, final["base"]["samples"]) if final else m["evaluate"].uri(cfg.output, "samples"))

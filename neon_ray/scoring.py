@@ -31,7 +31,7 @@ from .fid import extractors
 from .fid.extractors import INCEPTION_SPACE
 from .fid.prc import keep_mask, knn_radii, precision_recall
 from .fid.stats import Statistics, features_from_bytes, features_to_bytes, frechet_distance, import_published
-from .runtime.checkpoints import dataset_of, spec_of
+from .runtime.run_model import dataset_of, spec_of
 from .runtime.cluster import ensure_ray
 from .runtime.features import extract
 from .runtime.samplesets import SampleSet, concat_sets, encoded_set, open_samples

@@ -113,6 +113,16 @@ def file_stamp(info: dict) -> str:
     return str(info.get("mtime", info.get("LastModified", info.get("ETag", info.get("etag", "")))))
 
 
+def file_identity(uri: str, field: str) -> str:
+    """A cheap identity of one file (a checkpoint) for config hashes: its URI, size and mtime (or an etag remotely); a
+    missing file is one line naming `field`."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        raise NeonError(f"{field}: file not found: {redact_uri(uri)}")
+    info = fs.info(path)
+    return json.dumps({"uri": redact_uri(uri), "size": info.get("size"), "mtime": file_stamp(info)})
+
+
 def content_identity(uri: str) -> dict | None:
     """A cheap identity of a file's or a folder's content: how many files, their bytes, and a digest of every
     file's relative name, size and stamp (no file is read). None when nothing is there."""

@@ -804,7 +804,7 @@ def _package_copy(tmp: str) -> str:
     return dest
 
 
-# What `neon_ray.models`, `neon_ray.data.codec` and `neon_ray.runtime.checkpoints` import, besides MLflow itself.
+# What `neon_ray.models`, `neon_ray.data.codec` and `neon_ray.runtime.run_model` import, besides MLflow itself.
 MODEL_REQUIREMENTS = ("torch", "safetensors", "numpy", "pandas", "pydantic", "pillow", "fsspec", "PyYAML")
 
 

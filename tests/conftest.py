@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path):
     import torch
 
     from neon_ray.models.checkpoint import save_checkpoint
-    from neon_ray.runtime.checkpoints import family_for, spec_of
+    from neon_ray.runtime.run_model import family_for, spec_of
 
     cfg = tiny_config(tmp_path / "out")
     family = family_for(spec_of(cfg))

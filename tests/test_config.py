@@ -80,7 +80,7 @@ def test_offload_needs_a_zero_stage(tmp_path):
 @pytest.mark.parametrize("path", sorted((TINY.parent).glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_names_a_buildable_model(tmp_path, path):
     """A shipped config (neon_ray/configs) that no longer validates (a renamed field, a dropped preset) fails here, not in a user's run."""
-    from neon_ray.runtime.checkpoints import family_for, spec_of
+    from neon_ray.runtime.run_model import family_for, spec_of
 
     cfg = load_config(path, output=str(tmp_path))
     if cfg.model.checkpoint is None:  # built here from the preset (the others take their spec from the checkpoint)

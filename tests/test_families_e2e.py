@@ -43,7 +43,7 @@ def random_base(config, output, path):
 
     from neon_ray.config import load_config
     from neon_ray.models.checkpoint import save_checkpoint
-    from neon_ray.runtime.checkpoints import family_for, spec_of
+    from neon_ray.runtime.run_model import family_for, spec_of
 
     family = family_for(spec_of(load_config(config, [], str(output))))
     torch.manual_seed(0)

@@ -130,7 +130,7 @@ def test_fid_helper_input_errors():
 def test_second_space_headline_scores_the_pair_in_inception_features(ray_local, tmp_path, tiny_checkpoint):
     """tune.headline_extractor: the two picks' rescoring samples in the standard Inception space against as many real
     test images, with the floor of as many train images; one feature pass, cached for a rerun."""
-    from neon_ray.runtime.checkpoints import spec_of
+    from neon_ray.runtime.run_model import spec_of
     from neon_ray.runtime.sampling import sample_to_parquet
     from tuning.headline import in_second_space
 

@@ -213,7 +213,7 @@ def test_a_changed_dataset_option_rescores_a_fixed_checkpoint(tmp_path, ray_loca
     from neon_ray.manifest import read_manifest
     from neon_ray.models.checkpoint import save_checkpoint
     from neon_ray.pipeline import run_command
-    from neon_ray.runtime.checkpoints import family_for, spec_of
+    from neon_ray.runtime.run_model import family_for, spec_of
 
     small = ["data.options.n_test=4000", "evaluate.num_samples=2000", "evaluate.feature_batch_size=2000", "sampler.steps=5",
              "generate.batch_size=2000", "mlflow.enabled=false", f"evaluate.reference_cache={tmp_path / 'refs'}"]

@@ -16,7 +16,7 @@ LAYERS = [
     ("neon_ray.scoring", 4), ("neon_ray.tracking", 4), ("neon_ray.context", 4), ("neon_ray.inputs", 4), ("neon_ray.report", 4), ("neon_ray.mlflow_model", 4), ("neon_ray.review", 4),
     ("neon_ray.runtime", 5),
     ("neon_ray.config", 6), ("neon_ray.manifest", 6),
-    ("neon_ray", 7),  # models, data, fid, merge, storage, training, imageio, errors
+    ("neon_ray", 7),  # models, data, fid, merge, storage, train_math, plugins, imageio, errors
 ]
 
 

@@ -122,7 +122,7 @@ def test_parts_disagreeing_in_column_or_shape_give_one_line_and_nothing_written(
 
 
 def test_a_part_that_disappears_mid_pass_gives_one_line_and_a_rerun_resumes(ray_local, tmp_path, tiny_checkpoint):
-    from neon_ray.runtime.checkpoints import spec_of
+    from neon_ray.runtime.run_model import spec_of
     from neon_ray.runtime.sampling import sample_to_parquet
 
     cfg = tiny_config(tmp_path / "out", f"model.checkpoint={tiny_checkpoint}", "generate.batch_size=5")

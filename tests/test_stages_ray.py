@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from neon_ray.errors import NeonError
 from neon_ray.manifest import read_manifest
 from neon_ray.pipeline import run_command
-from neon_ray.runtime.checkpoints import spec_of
+from neon_ray.runtime.run_model import spec_of
 from neon_ray.runtime.samplesets import read_samples
 from neon_ray.runtime.sampling import sample_to_parquet
 

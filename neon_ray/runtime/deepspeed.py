@@ -21,7 +21,7 @@ import torch
 from ..config import FinetuneConfig
 from ..errors import NeonError
 from ..models.checkpoint import save_checkpoint_streaming
-from ..training import count_parameters
+from ..train_math import count_parameters
 from .progress import emit
 
 OUT_OF_MEMORY_HINT = ("try finetune.zero_stage: 3 (partitions weights, gradients and optimizer state over the workers), "
@@ -41,7 +41,7 @@ def network_facts(spec, activation_checkpointing: bool) -> int:
     """The configured network's parameter count, from a meta-device copy that allocates nothing (a plugin family
     whose build cannot run there is built on the CPU); with `activation_checkpointing`, the family's switch is tried
     on the same copy, so a network without a checkpointable block stack is said before any worker starts."""
-    from .checkpoints import family_for
+    from .run_model import family_for
 
     family = family_for(spec)
     try:

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import NeonError
 from ..fid.stats import Moments, Statistics
-from .checkpoints import run_here
+from .threads import run_here
 from .cluster import actor_gpus
 from .samplesets import SampleSet, decode_checked, portable, read_blocks
 

@@ -13,8 +13,9 @@ import torch
 
 from .. import storage
 from ..config import FinetuneConfig
-from ..training import linear_warmup
-from .checkpoints import load_model, set_torch_threads
+from ..train_math import linear_warmup
+from .run_model import load_model
+from .threads import set_torch_threads
 from .progress import Progress
 from .seeds import derive_seed
 
@@ -27,7 +28,7 @@ def finetune_loop(loop_cfg: dict) -> None:
     from ..data.codec import CODECS
     from .deepspeed import UnusableCheckpoint, deepspeed_config, report_deepspeed, restore_deepspeed, write_fp32_checkpoint
     from .shards import SampleShard
-    from .train import quiet_worker_logs
+    from .ray_train import quiet_worker_logs
 
     quiet_worker_logs()
     if not loop_cfg["use_gpu"]:

@@ -27,7 +27,8 @@ from ..data.codec import CODECS
 from ..errors import NeonError
 from ..models import ModelSpec
 from ..models.base import SamplerSettings
-from .checkpoints import load_model, run_here, set_torch_threads
+from .run_model import load_model
+from .threads import run_here, set_torch_threads
 from .cluster import actor_gpus
 from .seeds import balanced_labels, sample_seeds
 
@@ -112,14 +113,12 @@ def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSetting
     import ray
     from ray.data import ActorPoolStrategy
 
-    from .checkpoints import checkpoint_identity
-
     if n - first < 1:
         raise NeonError(f"number of samples must be ≥ 1 (asked for indices {first}..{n - 1})")
     g = resources
     gpus = actor_gpus(g.gpus_per_actor)
     items = work_items(n, g.batch_size, first)
-    identity = {"checkpoint": checkpoint_identity(checkpoint), "spec": [spec.family, spec.preset, list(spec.image_shape),
+    identity = {"checkpoint": storage.file_identity(checkpoint, "model.checkpoint"), "spec": [spec.family, spec.preset, list(spec.image_shape),
                 spec.num_classes, spec.options], "settings": settings.model_dump(mode="json"), "codec": codec, "n": n,
                 "seed": seed, "stream": stream, "batch_size": g.batch_size, "bf16": g.bf16, **({"first": first} if first else {})}
     todo = _missing_items(dest, identity, items, fresh)

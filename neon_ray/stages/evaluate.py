@@ -7,7 +7,7 @@ from ..config import EvaluateConfig
 from ..context import StageContext
 from ..inputs import BASE, StageInputs
 from ..manifest import Manifest
-from ..runtime.checkpoints import load_model, spec_of
+from ..runtime.run_model import load_model, spec_of
 from ..runtime.cluster import ensure_ray
 from ..scoring import extractor_fingerprint, reference_statistics, reference_uri, require_reference, score_checkpoint
 

@@ -15,7 +15,7 @@ from ..context import StageContext
 from ..errors import NeonError
 from ..inputs import BASE, StageInputs
 from ..manifest import Manifest
-from ..runtime.checkpoints import dataset_of, spec_of, train_images_of
+from ..runtime.run_model import dataset_of, spec_of, train_images_of
 from ..runtime.cluster import ensure_ray, resolve_use_gpu
 from ..runtime.deepspeed import OUT_OF_MEMORY_HINT, check_deepspeed, network_facts
 
@@ -43,7 +43,7 @@ def run(f: FinetuneConfig, ctx: StageContext) -> Manifest:
 
     from ..runtime.finetune_loop import finetune_loop
     from ..runtime.samplesets import read_samples
-    from ..runtime.train import fit, host_memory_env, torch_trainer
+    from ..runtime.ray_train import fit, host_memory_env, torch_trainer
 
     codec = dataset_of(cfg).codec
     n = read_samples(samples, columns=["index"]).num_rows

@@ -10,7 +10,7 @@ from ..config import GenerateConfig
 from ..context import StageContext
 from ..inputs import BASE, StageInputs
 from ..manifest import Manifest
-from ..runtime.checkpoints import dataset_of, load_model, spec_of
+from ..runtime.run_model import dataset_of, load_model, spec_of
 from ..runtime.cluster import ensure_ray
 from ..runtime.sampling import sample_to_parquet
 

@@ -19,11 +19,12 @@ from ..data import get_dataset
 from ..inputs import StageInputs
 from ..manifest import Manifest
 from ..models.checkpoint import save_checkpoint
-from ..runtime.checkpoints import dataset_of, family_for, set_torch_threads, spec_of
+from ..runtime.run_model import dataset_of, family_for, spec_of
+from ..runtime.threads import set_torch_threads
 from ..runtime.cluster import ensure_ray, resolve_use_gpu
 from ..runtime.progress import Progress
 from ..runtime.seeds import derive_seed
-from ..training import count_parameters, ema_update, warmup_cosine
+from ..train_math import count_parameters, ema_update, warmup_cosine
 
 log = logging.getLogger("neon_ray")
 BASE_MODEL = "model.safetensors"
@@ -38,7 +39,7 @@ def run(p: PretrainConfig, ctx: StageContext) -> Manifest:
     rec = ctx.start()
     ensure_ray(cfg.ray)
 
-    from ..runtime.train import fit, torch_trainer
+    from ..runtime.ray_train import fit, torch_trainer
 
     use_gpu = resolve_use_gpu(p.use_gpu)
     trainer = torch_trainer(_train_loop, {"spec": spec_of(cfg), "data": cfg.data.model_dump(), "section": p.model_dump(),
@@ -57,7 +58,7 @@ def _train_loop(loop_cfg: dict) -> None:
     import ray.train
     import ray.train.torch
 
-    from ..runtime.train import quiet_worker_logs, report_state, restored_state
+    from ..runtime.ray_train import quiet_worker_logs, report_state, restored_state
 
     quiet_worker_logs()
     p = PretrainConfig.model_validate(loop_cfg["section"])

@@ -18,7 +18,7 @@ from ..context import StageContext
 from ..errors import NeonError
 from ..inputs import BASE, StageInputs, fingerprint_inputs
 from ..manifest import Manifest
-from ..runtime.checkpoints import dataset_of, spec_of
+from ..runtime.run_model import dataset_of, spec_of
 from ..runtime.cluster import ensure_ray
 from ..scoring import reference_statistics, reference_uri, require_reference
 

@@ -1,13 +1,11 @@
-"""A run's model: its spec (family, preset, data shape), loading a checkpoint into it, and checkpoint identity."""
+"""The run's model: its dataset and spec (family, preset, data shape), and a checkpoint loaded into it."""
 
 from __future__ import annotations
 
 import json
-import os
 
 import torch
 
-from .. import storage
 from ..data import get_dataset
 from ..errors import NeonError
 from ..models import ModelSpec, get_family
@@ -45,37 +43,9 @@ def load_model(spec: ModelSpec, uri: str, device: str | torch.device = "cpu") ->
     return family, net.to(device).eval()
 
 
-def checkpoint_identity(uri: str, field: str = "model.checkpoint") -> str:
-    """A cheap identity of a checkpoint for config hashes: its URI, size and mtime (or an etag remotely)."""
-    fs, path = storage.filesystem(uri)
-    if not fs.exists(path):
-        raise NeonError(f"{field}: file not found: {storage.redact_uri(uri)}")
-    info = fs.info(path)
-    return json.dumps({"uri": storage.redact_uri(uri), "size": info.get("size"), "mtime": storage.file_stamp(info)})
-
-
 def train_images_of(uri: str, fallback: int | None) -> int | None:
     """Images the model saw in training: from the checkpoint's metadata, else `fallback` (model.base_train_images)."""
     meta = read_metadata(uri)
     if "train_images" in meta:
         return int(json.loads(meta["train_images"]))
     return fallback
-
-
-def set_torch_threads(n: int) -> None:
-    torch.set_num_threads(max(1, int(n)))
-    os.environ["OMP_NUM_THREADS"] = str(max(1, int(n)))
-
-
-def run_here(actor_class, kwargs: dict, batch: dict):
-    """One call of a Ray Data actor class in this process (a pool of one would only add its start-up); the thread
-    settings the actor makes for itself are undone afterwards, since this process goes on with other work."""
-    threads, omp = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
-    try:
-        return actor_class(**kwargs)(batch)
-    finally:
-        torch.set_num_threads(threads)
-        if omp is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = omp
