@@ -93,17 +93,23 @@ class PretrainConfig(Section):
     OPERATIONAL: ClassVar[set[str]] = {"checkpoint_every", "log_every", "max_failures", "placement_strategy"}
 
 
-class GenerateConfig(Section):
-    num_samples: int = Field(2000, ge=1, description="|S|, the size of the synthetic set.")
-    batch_size: int = Field(250, ge=1, description="Images per sampling call (one Ray Data work item).")
-    actors: int = Field(2, ge=1, description="Sampling actors in the Ray Data pool.")
-    cpus_per_actor: float = Field(0.5, gt=0, description="Fractional CPUs keep small clusters from deadlocking.")
+class ActorPool(Section):
+    """A Ray Data actor pool's resources (generate's sampling actors; evaluate's sampling and feature actors)."""
+
+    actors: int = Field(2, ge=1, description="Actors in the pool.")
+    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per actor (fractional: small clusters must not deadlock).")
     gpus_per_actor: float | None = Field(None, ge=0, description="null: 1 when the cluster has GPUs, else 0.")
     threads_per_actor: int = Field(1, ge=1, description="torch threads per CPU actor.")
-    bf16: bool = Field(False, description="Sample under bf16 autocast (fast on GPUs; off by default so small w·Δθ survive).")
 
-    # Sample i depends only on (seed, stream, i), not on how many actors or threads draw it.
+    # Sample i depends only on (seed, stream, i), and a feature only on its image, not on how many actors or threads
+    # compute them.
     OPERATIONAL: ClassVar[set[str]] = {"actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor"}
+
+
+class GenerateConfig(ActorPool):
+    num_samples: int = Field(2000, ge=1, description="|S|, the size of the synthetic set.")
+    batch_size: int = Field(250, ge=1, description="Images per sampling call (one Ray Data work item).")
+    bf16: bool = Field(False, description="Sample under bf16 autocast (fast on GPUs; off by default so small w·Δθ survive).")
 
 
 class FinetuneConfig(Section):
@@ -153,7 +159,7 @@ class MergeConfig(Section):
         return self
 
 
-class EvaluateConfig(Section):
+class EvaluateConfig(ActorPool):
     num_samples: int = Field(5000, ge=2, description="Samples per FID evaluation.")
     seed: int = Field(1_000_003, description="Seed stream of evaluation samples (the same for every w).")
     sampler: dict[str, Any] = Field(default_factory=dict, description="Sampler overrides for scoring models, merged over `sampler` (e.g. {score_scale: 1.0}: score every θ with the model's plain sampler while S comes from a biased one). Empty: score with `sampler`.")
@@ -163,11 +169,9 @@ class EvaluateConfig(Section):
     reference_cache: str | None = Field(None, description="Folder for cached reference statistics (null: <output>/reference).")
     reference: str | None = Field(None, description="Reference statistics file (.npz from `neon-ray ref-stats`, which also imports ADM/EDM files); null: a file in reference_cache.")
     reference_source: str | None = Field(None, description="Image folder or Parquet set to compute the reference from (null: data.name's reference_split).")
+    batch_size: int | None = Field(None, ge=1, description="Images per sampling call of the scored models (null: generate.batch_size).")
+    bf16: bool | None = Field(None, description="Sample the scored models under bf16 autocast (null: generate.bf16).")
     feature_batch_size: int = Field(500, ge=1, description="Images per extractor call inside a feature actor.")
-    actors: int = Field(2, ge=1, description="Feature-extraction actors (each holds one extractor).")
-    cpus_per_actor: float = Field(0.5, gt=0, description="CPUs per feature actor (fractional: small clusters must not deadlock).")
-    gpus_per_actor: float | None = Field(None, ge=0, description="null: 1 when the cluster has GPUs, else 0.")
-    threads_per_actor: int = Field(1, ge=1, description="torch threads per CPU feature actor.")
     prc: bool = Field(True, description="Also report precision and recall (k-NN manifolds, Kynkäänniemi et al. 2019).")
     prc_k: int = Field(5, ge=1, description="k of the k-NN manifold radii.")
     prc_num_samples: int = Field(5000, ge=2, description="At most this many (seeded) generated samples enter precision/recall.")
@@ -175,7 +179,7 @@ class EvaluateConfig(Section):
     floor: bool = Field(True, description="Also report fid_floor: FID of as many real images (the other split) against the reference.")
 
     # reference_cache: where cached statistics live; they are keyed by what they are of (scoring.reference_identity).
-    OPERATIONAL: ClassVar[set[str]] = {"actors", "cpus_per_actor", "gpus_per_actor", "threads_per_actor", "reference_cache"}
+    OPERATIONAL: ClassVar[set[str]] = ActorPool.OPERATIONAL | {"reference_cache"}
 
     @field_validator("extractor")
     @classmethod
@@ -356,6 +360,16 @@ class RunConfig(Section):
         self.model.checkpoint = _resolve_local(self.model.checkpoint)
         if isinstance(self.model.options.get("vae"), str):  # a local folder, or a hub id (org/name) kept as it is
             self.model.options["vae"] = _resolve_local(self.model.options["vae"], keep_if_missing=True)
+        return self
+
+    @model_validator(mode="after")
+    def _evaluation_sampling(self) -> "RunConfig":
+        # Scored models are sampled like S unless evaluate says otherwise: filled in once, here, so that scoring reads
+        # only its own section.
+        if self.evaluate.batch_size is None:
+            self.evaluate.batch_size = self.generate.batch_size
+        if self.evaluate.bf16 is None:
+            self.evaluate.bf16 = self.generate.bf16
         return self
 
     @model_validator(mode="after")

@@ -271,7 +271,7 @@ def score_rung(cfg: RunConfig, checkpoint: str, dest_dir: str, reference: Statis
         first = rungs[j - 1] if j else 0
         dest = increment_dir(dest_dir, first, rungs[j])
         info = sample_to_parquet(spec_of(cfg), checkpoint, settings, dataset_of(cfg).kind, rungs[j], seed, STREAM, dest,
-                                 cfg.generate, first=first, fresh=fresh)
+                                 cfg.evaluate, first=first, fresh=fresh)
         parts.append(open_samples(info["uri"]))
         seconds += info["seconds"] if j == k else 0.0
     samples = parts[0] if k == 0 else concat_sets(parts, f"{dest_dir} (first {rungs[k]})")

@@ -193,6 +193,7 @@ def upload_file_atomic(local_path: str, uri: str) -> None:
     fs.mv(tmp, path)
 
 
+@contextlib.contextmanager
 def local_copy(uri: str, what: str = "file") -> Iterator[str]:
     """A local filesystem path for `uri` (the path itself when local, else a temp download)."""
     fs, path = filesystem(uri)

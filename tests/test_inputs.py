@@ -81,12 +81,14 @@ def changes(tmp: Path) -> dict[str, tuple[object, frozenset[str]]]:
         "pretrain.max_failures": (3, NONE),
         "pretrain.placement_strategy": ("SPREAD", NONE),
         "generate.num_samples": (2000, SYNTHETIC),
-        "generate.batch_size": (5000, SAMPLING),  # evaluation samples are drawn in generate's batches too
+        "generate.batch_size": (5000, SAMPLING),  # evaluation samples are drawn in generate's batches unless evaluate says
+        "evaluate.batch_size": (5000, SCORING),
         "generate.actors": (1, NONE),
         "generate.cpus_per_actor": (0.25, NONE),
         "generate.gpus_per_actor": (0.0, NONE),
         "generate.threads_per_actor": (2, NONE),
         "generate.bf16": (True, SAMPLING),
+        "evaluate.bf16": (True, SCORING),
         "finetune.zero_stage": (3, FINETUNE),
         "finetune.bf16": (True, FINETUNE),
         "finetune.lr": (2e-4, FINETUNE),

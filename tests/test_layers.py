@@ -1,4 +1,5 @@
-"""The layering of DEVELOPERS.md, checked on the source: imports only go down, and no stage imports another."""
+"""The layering of docs/architecture.md, checked on the source: imports only go down, no stage imports another, and no
+import circle outside the registries."""
 
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ from neon_ray.runtime.seeds import balanced_labels, sample_seeds
 
 
 def test_model_math_imports_no_distributed_stack():
-    code = ("import sys, neon_ray.models.diffusion, neon_ray.merge, neon_ray.fid.classifier, neon_ray.fid.stats, neon_ray.training;"
+    code = ("import sys, neon_ray.models.diffusion, neon_ray.merge, neon_ray.fid.classifier, neon_ray.fid.stats, neon_ray.train_math;"
             "bad=[m for m in ('ray','deepspeed','mlflow') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr

@@ -108,7 +108,8 @@ def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSetting
     earlier, interrupted call with the same arguments (`fresh`: start over). Sample i is the same whatever
     `first` is, so a set grown in increments (the rungs of a search) equals one sampled at once.
 
-    `resources`: the `generate` config section (batch size, actors, CPUs/GPUs/threads per actor, bf16).
+    `resources`: an actor-pool config section with the sampling batch size and precision (`generate`, or `evaluate`
+    for scored models): batch size, actors, CPUs/GPUs/threads per actor, bf16.
     """
     import ray
     from ray.data import ActorPoolStrategy

@@ -14,8 +14,7 @@ from ..scoring import extractor_fingerprint, reference_statistics, reference_uri
 SCORES = ("fid", "precision", "recall", "fid_floor", "class_consistency", "n", "sample_seconds")
 
 
-# Evaluation samples are drawn with the generate section's batch size and precision (score_rung).
-INPUTS = StageInputs(fields=("model.family", "model.preset", "model.options", "evaluate", "generate.batch_size", "generate.bf16"),
+INPUTS = StageInputs(fields=("model.family", "model.preset", "model.options", "evaluate"),
                      derived=("dataset", "data_spec", "scoring_sampler", "extractor"), needs=(BASE,))
 
 

@@ -27,8 +27,7 @@ log = logging.getLogger("neon_ray")
 
 # What one trial's score depends on besides its w and its sampler fields (those name its folder): a trial scored
 # under the same fingerprint is reused by a later search.
-TRIAL_INPUTS = StageInputs(fields=("model.family", "model.preset", "model.options", "evaluate", "generate.batch_size",
-                                   "generate.bf16", "tune.allow_negative_w"),
+TRIAL_INPUTS = StageInputs(fields=("model.family", "model.preset", "model.options", "evaluate", "tune.allow_negative_w"),
                            derived=("dataset", "data_spec", "scoring_sampler", "extractor"), needs=(BASE, "finetune"))
 # The stage is current only for the search it ran; a changed search reruns it (scoring only what is new).
 # `seed`: Optuna's sampler seed.
