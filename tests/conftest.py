@@ -100,7 +100,7 @@ def s3_server():
 
 
 # Minutes each long test took in `make test` on the 2-core machine (2026-12-04, two pytest workers: 26.7 min in
-# all). The workers take tests in collection order (`-n 2 --dist load`): the long ones go first, so that neither
+# all). The workers take tests in collection order (`-n 2 --dist loadgroup`): the long ones go first, so that neither
 # worker is left with a long test at the end while the other idles.
 LONG_TESTS = {
     "test_faults.py::": 9,  # it makes the session's undisturbed tiny run first ...
