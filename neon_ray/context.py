@@ -22,6 +22,7 @@ class StageContext:
     config_hash: str
     upstream_hashes: dict[str, str]  # dependency name ("base", "generate", ...) → its hash
     upstream: dict[str, Manifest] = field(default_factory=dict)  # finished upstream stages
+    reusable: dict[str, Manifest] = field(default_factory=dict)  # finished stages it may take outputs over from (INPUTS.reuses)
     files: dict[str, str] = field(default_factory=dict)  # dependency name → the file that stands for it (θ_base, a given checkpoint)
     tracker: Any = None  # neon_ray.tracking.Tracker of the output's MLflow run
     run_id: str | None = None  # this stage's MLflow child run

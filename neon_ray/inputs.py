@@ -35,6 +35,9 @@ class StageInputs:
     fields: tuple[str, ...] = ()
     derived: tuple[str, ...] = ()
     needs: tuple[str, ...] = ()
+    # Stages whose finished outputs this one takes over where they are exactly what it would compute (each reuse checks
+    # that itself); not inputs: they never enter its hash, and it runs the same without them.
+    reuses: tuple[str, ...] = ()
 
     def __post_init__(self):
         unknown = [d for d in self.derived if d not in DERIVED]
@@ -45,7 +48,8 @@ class StageInputs:
         def union(a, b):
             return a + tuple(x for x in b if x not in a)
 
-        return StageInputs(union(self.fields, other.fields), union(self.derived, other.derived), union(self.needs, other.needs))
+        return StageInputs(union(self.fields, other.fields), union(self.derived, other.derived), union(self.needs, other.needs),
+                           union(self.reuses, other.reuses))
 
 
 # ----------------------------------------------------------------------------------------------

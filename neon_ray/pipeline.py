@@ -110,8 +110,9 @@ def context(cfg: RunConfig, name: str, files: dict[str, str] | None = None, opti
             inputs[BASE] = cfg.model.checkpoint or require(cfg, "pretrain").uri(cfg.output, "model")
         else:
             upstream[dep] = require(cfg, dep)
+    reusable = {other: man for other in stage.inputs.reuses if (man := read_manifest(cfg.output, other)) is not None}
     return StageContext(cfg=cfg, name=name, config_hash=config_hash, upstream_hashes=upstream_hashes, upstream=upstream,
-                        files=inputs, options=dict(options or {}))
+                        files=inputs, options=dict(options or {}), reusable=reusable)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -258,12 +258,12 @@ def increment_dir(dest_dir: str, first: int, n: int) -> str:
 
 
 def score_rung(cfg: RunConfig, checkpoint: str, dest_dir: str, reference: Statistics, settings, rungs: list[int], k: int,
-               seed: int | None = None, fresh: bool = False) -> dict:
+               seed: int | None = None, fresh: bool = False, donors: tuple[str, ...] = ()) -> dict:
     """Score the first `rungs[k]` evaluation samples of `checkpoint` (seed stream `seed`, default evaluate.seed).
 
     Samples rungs[k-1]..rungs[k]-1 are added to those sampled for the earlier rungs (sample i depends only on
     (seed, stream, i), so the union equals a set sampled at once), then the union is scored. Increments left
-    by an earlier call are reused (unless `fresh`).
+    by an earlier call are reused (unless `fresh`), and so are those that a `donors` folder holds (sampling.sample_to_parquet).
     """
     seed = cfg.evaluate.seed if seed is None else seed
     parts, seconds = [], 0.0
@@ -271,7 +271,7 @@ def score_rung(cfg: RunConfig, checkpoint: str, dest_dir: str, reference: Statis
         first = rungs[j - 1] if j else 0
         dest = increment_dir(dest_dir, first, rungs[j])
         info = sample_to_parquet(spec_of(cfg), checkpoint, settings, dataset_of(cfg).kind, rungs[j], seed, STREAM, dest,
-                                 cfg.evaluate, first=first, fresh=fresh)
+                                 cfg.evaluate, first=first, fresh=fresh, donors=donors)
         parts.append(open_samples(info["uri"]))
         seconds += info["seconds"] if j == k else 0.0
     samples = parts[0] if k == 0 else concat_sets(parts, f"{dest_dir} (first {rungs[k]})")

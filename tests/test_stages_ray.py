@@ -39,6 +39,26 @@ def test_generated_images_identical_with_1_and_2_actors(ray_local, tmp_path, tin
         assert t0.column(col).to_pylist() == t1.column(col).to_pylist()[:5], col
 
 
+def test_a_set_of_the_same_samples_is_copied_from_a_donor_not_sampled_again(ray_local, tmp_path, tiny_checkpoint):
+    """The base arm of a search takes the evaluate stage's samples over: parts of the same start and count from a
+    folder of the same checkpoint, settings, seed stream, batch size and precision (any n) are copied; the rest is
+    sampled; a folder of other settings gives nothing."""
+    cfg = tiny_config(tmp_path / "out", f"model.checkpoint={tiny_checkpoint}", "generate.batch_size=5")
+    args = (spec_of(cfg), str(tiny_checkpoint), cfg.sampler, "image")
+    donor = sample_to_parquet(*args, 12, 7, "eval", str(tmp_path / "donor"), cfg.generate)  # items 0, 5, 10 (2 rows)
+    rung = sample_to_parquet(*args, 10, 7, "eval", str(tmp_path / "rung"), cfg.generate, donors=(donor["uri"],))
+    assert rung["reused_items"] == 2  # both of its items: the donor's first two
+    more = sample_to_parquet(*args, 15, 7, "eval", str(tmp_path / "rung+"), cfg.generate, first=10, donors=(donor["uri"],))
+    assert more["reused_items"] == 0  # the donor's item at 10 holds 2 rows, this one 5: sampled
+    whole = sample_to_parquet(*args, 15, 7, "eval", str(tmp_path / "whole"), cfg.generate)
+    got = pa.concat_tables([read_samples(rung["uri"]), read_samples(more["uri"])])
+    for col in ("index", "label", "seed", "png"):
+        assert got.column(col).to_pylist() == read_samples(whole["uri"]).column(col).to_pylist(), col
+    other = cfg.sampler.model_copy(update={"steps": cfg.sampler.steps + 1})
+    elsewhere = sample_to_parquet(args[0], args[1], other, "image", 10, 7, "eval", str(tmp_path / "other"), cfg.generate,
+                                  donors=(donor["uri"],))
+    assert elsewhere["reused_items"] == 0
+
 @pytest.mark.slow
 def test_deepspeed_zero2_bf16_finetune_under_torchtrainer(ray_local, tmp_path, tiny_checkpoint):
     cfg = tiny_config(tmp_path / "out", f"model.checkpoint={tiny_checkpoint}", "generate.num_samples=24",

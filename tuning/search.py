@@ -30,7 +30,7 @@ log = logging.getLogger("neon_ray")
 
 
 def run_search(cfg: RunConfig, base: str, finetuned: str, tune_dir: str, trial_hash: str, name: str, tracker=None,
-               parent_run: str | None = None, fresh: bool = False) -> list[dict]:
+               parent_run: str | None = None, fresh: bool = False, donors: tuple[str, ...] = ()) -> list[dict]:
     """Run (or resume) the search; returns one entry per distinct trial config: its rung results, best rung last."""
     from ray import tune
 
@@ -38,7 +38,7 @@ def run_search(cfg: RunConfig, base: str, finetuned: str, tune_dir: str, trial_h
     rungs = cfg.search_rungs()
     trainable = tune.with_resources(
         partial(neon_trial, cfg_json=cfg.for_workers(), base=base, finetuned=finetuned, reference=reference_uri(cfg),
-                tune_dir=tune_dir, trial_hash=trial_hash, rungs=rungs),
+                tune_dir=tune_dir, trial_hash=trial_hash, rungs=rungs, donors=donors),
         {"cpu": t.cpus_per_trial},
     )
     where = ray_storage(storage.join(tune_dir, "ray"))

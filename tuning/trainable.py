@@ -65,8 +65,10 @@ def read_rungs(tune_dir: str, config: dict, trial_hash: str, cfg: RunConfig, run
 
 
 def neon_trial(config: dict, cfg_json: dict, base: str, finetuned: str, reference: str, tune_dir: str, trial_hash: str,
-               rungs: list[int]) -> None:
-    """The Tune function trainable (runs in a Ray worker): one report per rung, so a scheduler can stop it early."""
+               rungs: list[int], donors: tuple[str, ...] = ()) -> None:
+    """The Tune function trainable (runs in a Ray worker): one report per rung, so a scheduler can stop it early.
+    `donors`: sample folders of other stages (the evaluate stage's); the base arm at the setting they were sampled
+    with copies its samples from them instead of sampling them again."""
     from ray import tune
 
     cfg = RunConfig.model_validate(cfg_json)
@@ -88,7 +90,7 @@ def neon_trial(config: dict, cfg_json: dict, base: str, finetuned: str, referenc
             if not storage.exists(model):
                 merge_uris(base, finetuned, model, w, allow_negative=cfg.tune.allow_negative_w)
         ref = ref or Statistics.from_bytes(storage.read_bytes(reference), reference)
-        scores = score_rung(cfg, model, tdir, ref, settings, rungs, k)
+        scores = score_rung(cfg, model, tdir, ref, settings, rungs, k, donors=donors)
         done = {"w": w, "key": key, "sampler": overrides_of(config), "config_hash": chash, "rung": k,
                 "model": storage.relative(cfg.output, model) if w != 0.0 else None,
                 "samples": storage.relative(cfg.output, scores["samples"]), **{s: scores[s] for s in SCORES}}

@@ -251,7 +251,7 @@ class AutoregressiveFamily(ModelFamily):
         core = getattr(net, "module", net)  # DDP/DeepSpeed wrappers keep the network in .module
         dev, b, n = labels.device, labels.shape[0], self.seq_len
         # All randomness of sample i up front: one uniform per token from seeds[i].
-        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        gens = self.sample_generators(seeds)
         u = torch.stack([torch.rand(n, generator=g, dtype=torch.float64) for g in gens]).to(dev)  # (B, N)
         cache = core.new_cache()
         tokens = torch.zeros(b, n, dtype=torch.long, device=dev)

@@ -100,6 +100,11 @@ class DenoiserFamily(ModelFamily):
             raise NeonError(f"model.checkpoint: {source} has {tokens} patch tokens (a {side}×{side} input at patch {p}); "
                             f"this run feeds {where} of shape {self.data_shape} (check data / model.options.vae)")
 
+    def start_sampling(self, net: nn.Module, settings, seeds: list[int]) -> tuple[SamplerSettings, nn.Module, list[torch.Generator]]:
+        """(typed settings, the network to call (compiled if asked), one generator per sample)."""
+        s = self.validate_sampler(settings)
+        return s, self.network(net, s.compile), self.sample_generators(seeds)
+
     def network(self, net: nn.Module, compile: bool) -> nn.Module:
         """`net`, or its torch.compile'd twin (cached: a sampling actor calls sample() many times)."""
         if not compile:

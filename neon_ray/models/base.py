@@ -89,6 +89,11 @@ class ModelFamily(ABC):
             got = "" if err["type"] == "extra_forbidden" else f" (got {err.get('input')!r})"
             raise ConfigError(f"{field}.{loc}: {msg}{got}") from None
 
+    @staticmethod
+    def sample_generators(seeds: list[int]) -> list[torch.Generator]:
+        """One CPU generator per sample, seeded by its seed: all randomness of sample i comes from seeds[i]."""
+        return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
     # -- the protocol --------------------------------------------------------------------------
     @abstractmethod
     def build(self) -> nn.Module:

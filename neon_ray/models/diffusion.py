@@ -157,10 +157,8 @@ class DiffusionFamily(DenoiserFamily):
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):
-        s = self.validate_sampler(settings)
-        net = self.network(net, s.compile)
+        s, net, gens = self.start_sampling(net, settings, seeds)
         dev = labels.device
-        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         x = self.noise_like_data(gens, dev)  # (B, C, H, W), x_T
         ts = torch.linspace(self.num_timesteps - 1, 0, s.steps).round().long().tolist()
         learned = s.name == "ancestral" and self.learn_sigma

@@ -69,6 +69,15 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale[:, None]) + shift[:, None]
 
 
+
+def xavier_linears(module: nn.Module) -> None:
+    """Xavier-uniform weights and zero biases for every Linear in `module` (the DiT and MAE/MAR initialisation)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
 class PatchEmbed(nn.Module):
     def __init__(self, in_channels: int, width: int, patch: int):
         super().__init__()
@@ -175,10 +184,7 @@ class DiT(nn.Module):
 
     def _init_weights(self) -> None:
         # DiT §3.2 / official initialize_weights: Xavier linears, N(0, 0.02) embeddings, adaLN-Zero.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_linears(self)
         proj = self.x_embedder.proj
         nn.init.xavier_uniform_(proj.weight.view(proj.weight.shape[0], -1))  # like a Linear over the patch
         nn.init.zeros_(proj.bias)

@@ -83,10 +83,8 @@ class EDMFamily(DenoiserFamily):
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):
-        s = self.validate_sampler(settings)
-        net = self.network(net, s.compile)
+        s, net, gens = self.start_sampling(net, settings, seeds)
         dev = labels.device
-        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
         sigmas = karras_sigmas(s.steps, s.sigma_min, s.sigma_max, s.rho).tolist()
         x = self.noise_like_data(gens, dev) * sigmas[0]  # x_0 ~ N(0, σ_max² I)
         b = x.shape[0]

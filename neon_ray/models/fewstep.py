@@ -142,7 +142,7 @@ class FewStepFamily(ModelFamily):
         s = self.validate_sampler(settings)
         h = self.hparams
         dev, shape = labels.device, self.spec.image_shape
-        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        gens = self.sample_generators(seeds)
 
         def noise() -> torch.Tensor:
             return torch.stack([torch.randn(shape, generator=g) for g in gens]).to(dev)  # (B, C, H, W)

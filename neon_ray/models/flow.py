@@ -134,9 +134,7 @@ class FlowFamily(DenoiserFamily):
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):
-        s = self.validate_sampler(settings)
-        net = self.network(net, s.compile)
-        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        s, net, gens = self.start_sampling(net, settings, seeds)
         x = self.noise_like_data(gens, labels.device)  # x at t = 0 (noise)
 
         def velocity(x_: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -45,7 +45,7 @@ from torch import nn
 from ..errors import ConfigError, NeonError
 from .backbones import LATENT_FIELDS, DenoiserFamily
 from .base import ModelSpec, SamplerSettings
-from .dit import TimestepEmbedder, run_block
+from .dit import TimestepEmbedder, run_block, xavier_linears
 from .guidance import classifier_free_guidance, tile
 from .registry import register_family
 
@@ -244,10 +244,7 @@ class XAR(nn.Module):
 
     def _init_weights(self) -> None:
         # As the release (MAE/MAR style): Xavier-uniform linears with zero biases, N(0, 0.02) embeddings.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        xavier_linears(self)
         for p in (self.class_emb.weight, self.encoder_pos_embed_learned, self.decoder_pos_embed_learned):
             nn.init.normal_(p, std=0.02)
 
@@ -374,7 +371,7 @@ class XARFamily(DenoiserFamily):
         s = self.validate_sampler(settings)
         core = getattr(net, "module", net)  # DDP/DeepSpeed wrappers keep the network in .module
         dev, b = labels.device, labels.shape[0]
-        gens = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        gens = self.sample_generators(seeds)
 
         def randn() -> torch.Tensor:  # one cluster's worth of noise per sample, each from its own generator
             return torch.stack([torch.randn(self.cluster_len, self.token_dim, generator=g) for g in gens]).to(dev)

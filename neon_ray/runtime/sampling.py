@@ -27,10 +27,10 @@ from ..data.codec import CODECS
 from ..errors import NeonError
 from ..models import ModelSpec
 from ..models.base import SamplerSettings
-from .run_model import load_model
-from .threads import run_here, set_torch_threads
 from .cluster import actor_gpus
+from .run_model import load_model
 from .seeds import balanced_labels, sample_seeds
+from .threads import run_here, set_torch_threads
 
 log = logging.getLogger("neon_ray")
 MARKER = "_sampling.json"  # pyarrow and Ray Data skip names starting with "_" when reading the folder
@@ -93,6 +93,33 @@ def _missing_items(dest: str, identity: dict, items: list[dict[str, int]], fresh
     return [it for it in items if part_uri(dest, it["start"]).rsplit("/", 1)[-1] not in names]
 
 
+def _copy_from_donors(dest: str, identity: dict, todo: list[dict[str, int]], donors: tuple[str, ...]) -> list[dict[str, int]]:
+    """Copy into `dest` the parts of `todo` that a donor folder holds, and return the items left to sample. A donor
+    qualifies when its identity equals ours but for how many samples it holds (`n`, `first`): sample i depends
+    only on (seed, stream, i), so its part of the same start and count holds the same rows."""
+    def same_samples(other: dict) -> bool:
+        return {k: v for k, v in other.items() if k not in ("n", "first")} == {k: v for k, v in identity.items() if k not in ("n", "first")}
+
+    for donor in donors:
+        marker = storage.join(donor, MARKER)
+        if not todo or not storage.exists(marker) or not same_samples(theirs := storage.read_json(marker)):
+            continue
+        held = {it["start"]: it["count"] for it in work_items(theirs["n"], theirs["batch_size"], theirs.get("first", 0))}
+        fs, path = storage.filesystem(donor)
+        present = {key.rsplit("/", 1)[-1] for key in fs.find(path)}
+        left = []
+        for it in todo:
+            name = part_uri(donor, it["start"]).rsplit("/", 1)[-1]
+            if held.get(it["start"]) == it["count"] and name in present:
+                storage.write_bytes_atomic(part_uri(dest, it["start"]), storage.read_bytes(part_uri(donor, it["start"])))
+            else:
+                left.append(it)
+        if len(left) < len(todo):
+            log.info("%d of %d work items copied from %s (the same samples)", len(todo) - len(left), len(todo), storage.redact_uri(donor))
+        todo = left
+    return todo
+
+
 def _finished_parts(dest: str) -> set[str]:
     """Names of the parts written under `dest`; temporary files of actors killed mid-write are removed."""
     fs, path = storage.filesystem(dest)
@@ -103,10 +130,14 @@ def _finished_parts(dest: str) -> set[str]:
 
 
 def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSettings, codec: str, n: int, seed: int, stream: str,
-                      dest: str, resources, actors: int | None = None, fresh: bool = False, first: int = 0) -> dict:
+                      dest: str, resources, actors: int | None = None, fresh: bool = False, first: int = 0,
+                      donors: tuple[str, ...] = ()) -> dict:
     """Sample images `first`..`n`-1 of `checkpoint` into Parquet parts under `dest`, resuming a folder left by an
     earlier, interrupted call with the same arguments (`fresh`: start over). Sample i is the same whatever
     `first` is, so a set grown in increments (the rungs of a search) equals one sampled at once.
+
+    `donors`: finished sample folders (another stage's) whose parts are copied rather than sampled again where
+    they hold exactly these samples: the same checkpoint file, settings, seed stream, batch size and precision.
 
     `resources`: an actor-pool config section with the sampling batch size and precision (`generate`, or `evaluate`
     for scored models): batch size, actors, CPUs/GPUs/threads per actor, bf16.
@@ -123,6 +154,7 @@ def sample_to_parquet(spec: ModelSpec, checkpoint: str, settings: SamplerSetting
                 spec.num_classes, spec.options], "settings": settings.model_dump(mode="json"), "codec": codec, "n": n,
                 "seed": seed, "stream": stream, "batch_size": g.batch_size, "bf16": g.bf16, **({"first": first} if first else {})}
     todo = _missing_items(dest, identity, items, fresh)
+    todo = _copy_from_donors(dest, identity, todo, donors)
     t0 = time.time()
     actor_args = dict(spec=spec, checkpoint=checkpoint, settings=settings, codec=codec, seed=seed, stream=stream, dest=dest,
                       threads=g.threads_per_actor, use_gpu=gpus > 0, bf16=g.bf16)

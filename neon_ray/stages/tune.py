@@ -30,8 +30,9 @@ log = logging.getLogger("neon_ray")
 TRIAL_INPUTS = StageInputs(fields=("model.family", "model.preset", "model.options", "evaluate", "tune.allow_negative_w"),
                            derived=("dataset", "data_spec", "scoring_sampler", "extractor"), needs=(BASE, "finetune"))
 # The stage is current only for the search it ran; a changed search reruns it (scoring only what is new).
-# `seed`: Optuna's sampler seed.
-INPUTS = TRIAL_INPUTS | StageInputs(fields=("seed", "tune"))
+# `seed`: Optuna's sampler seed. The base arm at the scoring sampler samples what the evaluate stage sampled: it takes
+# those samples over (each part checked to be the same samples) instead of drawing them again.
+INPUTS = TRIAL_INPUTS | StageInputs(fields=("seed", "tune"), reuses=("evaluate",))
 
 
 def run(section: TuneConfig, ctx: StageContext) -> Manifest:
@@ -48,8 +49,9 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
     from tuning.trainable import MODEL, trial_dir
 
     reference = reference_statistics(cfg)  # computed once on the driver, read by every trial
+    donors = tuple(m.uri(cfg.output, "samples") for m in ctx.reusable.values() if "samples" in m.outputs)
     trials = run_search(cfg, base, finetuned, rec.dir, trial_hash, f"tune-{ctx.config_hash}", ctx.tracker, ctx.run_id,
-                        fresh=ctx.force)
+                        fresh=ctx.force, donors=donors)
     best, best_base = pick(trials, "neon"), pick(trials, "base")
     if best is None:
         raise NeonError("tune: no Neon trial (w > 0) finished; check tune.space.w / tune.w_grid")
