@@ -88,6 +88,10 @@ _OUTPUT: list[str] = []  # the output root of the command, once known: its tempo
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
+    if not args.verbose:
+        from .runtime.stderr import drop_ray_constructor_argument_lines
+
+        drop_ray_constructor_argument_lines()
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # MLflow sets its own loggers to INFO on import
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
