@@ -2,7 +2,8 @@
 # The package as users get it (CI runs this after `make test`): build the wheel, install it with --no-deps into an
 # empty target folder, then, from an empty folder, run `neon-ray configs` and `neon-ray run tiny` with only that
 # folder and the pinned dependencies' venv on the path: no checkout, so a file the wheel lacks (a config, the
-# quickstart base, a package) fails here.
+# quickstart base, a package) fails here. First, the sources against the oldest Python the package declares
+# (vermin: syntax and standard library; only 3.11 runs here, so 3.10 and 3.12 are not run).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 deps=$(bash "$root/scripts/setup_env.sh" --deps)
@@ -10,6 +11,10 @@ py="$deps/bin/python"
 work=$(mktemp -d "${TMPDIR:-/tmp}/neon-ray-wheel.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 log() { echo "[check_wheel] $*" >&2; }
+
+python3 -m venv "$work/vermin" && "$work/vermin/bin/pip" install -q --disable-pip-version-check vermin==1.9.2 >&2
+"$work/vermin/bin/vermin" --target=3.10- --no-tips --violations --eval-annotations --backport typing "$root/neon_ray" "$root/tuning" >&2
+log "the sources need no Python newer than 3.10 (vermin)"
 
 t0=$SECONDS
 # No build isolation: the venv's setuptools (≥ 77, the license field) builds it offline.
