@@ -50,7 +50,7 @@ def ensure_ray(cfg) -> None:
         _check_answers(address, field, cfg.connect_timeout_s)
         log.info("connecting to Ray at %s", address)
         try:
-            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env})
+            ray.init(address=address, log_to_driver=True, runtime_env={"env_vars": env}, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, TimeoutError) as exc:
             raise NeonError(f"{field}: cannot join the Ray cluster at {address} ({_first_line(exc)})") from None
     else:
@@ -60,8 +60,10 @@ def ensure_ray(cfg) -> None:
         port = _free_port()
         env = {**env, "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
         try:
+            # Ray's own INFO lines ("Started a local Ray instance", Tune's "Wrote the latest version of all result
+            # files") repeat what the stage lines say; its warnings and errors stay.
             ray.init(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, log_to_driver=True, runtime_env={"env_vars": env},
-                     include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+                     include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, logging_level=logging.WARNING)
         except (ConnectionError, RuntimeError, TimeoutError) as exc:
             raise NeonError(f"ray: the local Ray did not start ({_first_line(exc)}); try `ray stop --force` (a stale "
                             "session), free space under /tmp, or a smaller ray.num_cpus") from None

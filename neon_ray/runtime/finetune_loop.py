@@ -36,7 +36,8 @@ def finetune_loop(loop_cfg: dict) -> None:
         # torch's extension loader warns "No CUDA runtime is found" on a machine with a CUDA toolkit but no GPU: a CPU
         # worker is meant to have none.
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    import deepspeed
+    with contextlib.redirect_stdout(io.StringIO()):  # "... shm_comm_op built successfully", a bare print on import
+        import deepspeed
 
     f = FinetuneConfig.model_validate(loop_cfg["section"])
     p, stage_dir, seed, h = loop_cfg["plan"], loop_cfg["stage_dir"], loop_cfg["seed"], loop_cfg["config_hash"]
