@@ -25,7 +25,7 @@ from typing import Any
 from . import storage
 from .errors import NeonError
 from .manifest import read_manifest
-from .tracking import DB_NAME, STATE_FILE, redact, trial_key_of_params
+from .tracking import DB_NAME, STATE_FILE, TRIAL_GRID, redact, trial_key_of_params
 
 STAGES = ("pretrain", "generate", "finetune", "evaluate", "tune", "merge")
 HEADLINE = ("fid_base", "fid_neon", "fid_base_sd", "fid_neon_sd", "best_w", "best_sampler", "base_best_sampler", "n_eval",
@@ -92,7 +92,7 @@ def _trials(tune) -> list[dict]:
         rung = max(fid) if fid else None
         completed = rung is not None and (not rungs or rung >= max(rungs))
         out.append({
-            "key": row.get("key"), "grid": row.get("key"), "run_id": None,
+            "key": row.get("key"), "grid": None, "run_id": None,  # grid: its sample grid's URI, from its MLflow run
             "params": {"w": row["w"], **{f"sampler.{k}": v for k, v in (row.get("sampler") or {}).items()}},
             "fid": fid, "status": "completed" if completed else "stopped", "rung": rung,
             "winner": (row["w"], row.get("sampler") or {}) == best,
@@ -204,6 +204,8 @@ def _add_mlflow(client, state: dict, record: dict, missing: list[str]) -> None:
             trial["rung"] = int(float(tags["trial.rung"]))
         if "trial.winner" in tags:
             trial["winner"] = tags["trial.winner"] == "true"
+        if any(a.path == TRIAL_GRID for a in client.list_artifacts(run.info.run_id)):
+            trial["grid"] = f"{run.info.artifact_uri.rstrip('/')}/{TRIAL_GRID}"
     if record["trials"] and not any(t["run_id"] for t in record["trials"]):
         missing.append("no trial runs in the MLflow record")
     _add_registry(client, record, missing)

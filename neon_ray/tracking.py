@@ -53,6 +53,7 @@ ARTIFACTS = "mlartifacts"
 LEASE_FILE = "mlflow.lease"
 LEASE_SECONDS = 600.0  # a killed driver on another machine holds an output this long; a live one renews every third of it
 CHAMPION = "champion"
+TRIAL_GRID = "samples.png"  # the sample grid logged with each trial's run
 _SECRET_KEY = re.compile(r"(pass(word)?|secret|token|api[_-]?key|credential|auth)", re.I)
 
 

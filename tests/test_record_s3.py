@@ -47,6 +47,9 @@ def test_a_tiny_run_to_s3_keeps_its_whole_record_there(s3_server, tmp_path, refe
     winners = [t for t in trials if t["winner"]]
     assert len(winners) == 1 and winners[0]["params"]["w"] == summary["best_w"]
     assert all(t["rung"] == max(int(n) for n in t["fid"]) for t in trials)
+    assert all(t["grid"] == f"s3://{root}mlartifacts/{t['grid'].split('/mlartifacts/')[1]}" and t["grid"].endswith("/samples.png")
+               for t in trials), [t["grid"] for t in trials]
+    assert fs.exists(trials[0]["grid"])
     assert record["headline"]["fid_neon"] == summary["fid_neon"]
     model = record["registered_model"]
     assert model["alias"] == "champion" and model["version"] == "1" and model["uri"].startswith(f"s3://{root}mlartifacts/")

@@ -18,9 +18,10 @@ from ..context import StageContext
 from ..errors import NeonError
 from ..inputs import BASE, StageInputs, fingerprint_inputs
 from ..manifest import Manifest
-from ..runtime.run_model import dataset_of, spec_of
 from ..runtime.cluster import ensure_ray
+from ..runtime.run_model import dataset_of, spec_of
 from ..scoring import reference_statistics, reference_uri, require_reference
+from ..tracking import TRIAL_GRID
 
 log = logging.getLogger("neon_ray")
 
@@ -103,7 +104,7 @@ def _trial_grids(cfg: RunConfig, rows: list[dict], tmp: str) -> dict[str, str]:
     kind = dataset_of(cfg).kind
     grids = {}
     for i, row in enumerate(rows):
-        path = os.path.join(tmp, f"trial-{i}", "samples.png")
+        path = os.path.join(tmp, f"trial-{i}", TRIAL_GRID)
         os.makedirs(os.path.dirname(path))
         grids[row["key"]] = save_sample_grid(storage.resolve(cfg.output, row["samples"]), path,
                                              f"{row['key']}  FID {row['fid']:.4g} (n = {row['n']})", kind=kind)
