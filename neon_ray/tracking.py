@@ -571,13 +571,13 @@ class Tracker:
                         grids: dict[str, str]) -> None:
         """After a search: each trial run tagged with its status (`completed`: scored at the last rung, else
         `stopped`), the largest n it was scored at and whether it is the registered pick, with its sample grid; the
-        trial table as an MLflow table artifact of the tune stage's run (`trials.json`)."""
+        trial table as an MLflow table artifact of the tune stage's run (`trials.json`). A trial whose run or rung
+        scores were not logged while it ran (the server did not answer, or an older neon-ray scored it) gets them
+        here, from the search's results: the record is whole at the stage's end."""
         if tune_run is None:
             return
         for row in rows:
-            run = self.find_child(tune_run, {"stage": "tune-trial", "trial_key": row["key"]})
-            if run is None:
-                continue  # a trial scored by an earlier search of this output, before trial runs carried their key
+            run = self._trial_run(tune_run, row)
             last = max(int(n) for n in row["fid_by_n"])
             self.client.set_tag(run, "trial.status", "completed" if last >= rungs[-1] else "stopped")
             self.client.set_tag(run, "trial.rung", str(last))
@@ -589,6 +589,24 @@ class Tracker:
                  **{f"fid_n{n}": [r["fid_by_n"].get(str(n)) for r in rows] for n in rungs},
                  "rung": [max(int(n) for n in r["fid_by_n"]) for r in rows], "winner": [r["key"] == winner_key for r in rows]}
         self.client.log_table(tune_run, data=table, artifact_file="trials.json")
+
+    def _trial_run(self, tune_run: str, row: dict) -> str:
+        """The trial's run (made if missing), holding its score at every rung it reached."""
+        run = self.find_child(tune_run, {"stage": "tune-trial", "trial_key": row["key"]}, unfinished=False)
+        if run is None:
+            run = self.start_child(f"trial {row['key']}", tune_run, {"stage": "tune-trial", "trial_key": row["key"]})
+            self.log_params(run, {"w": float(row["w"]), **{f"sampler.{k}": v for k, v in row["sampler"].items()}})
+            self.end_child(run, ok=True)
+        logged = set(self.client.get_run(run).data.metrics)
+        last = max(int(n) for n in row["fid_by_n"])
+        for n, fid in row["fid_by_n"].items():
+            scores = {f"fid_n{n}": fid, f"fid_floor_n{n}": row.get("floor_by_n", {}).get(n)}
+            if int(n) == last:
+                scores |= {f"{k}_n{n}": row.get(k) for k in ("precision", "recall", "class_consistency")}
+            missing = {k: v for k, v in scores.items() if k not in logged and v is not None}
+            if missing:
+                self.log_metrics(run, missing | ({"n": int(n)} if "n" not in logged else {}), step=int(n))
+        return run
 
     def ui_hint(self) -> str:
         if not self.enabled:

@@ -57,7 +57,8 @@ def test_a_trial_rerun_after_it_finished_reopens_its_run(tmp_path, monkeypatch):
 
 def test_a_search_reads_as_a_table_of_trials_at_equal_n(tmp_path, monkeypatch):
     """After a search each trial run says how it ended (completed or stopped, at which n, winner or not) and carries
-    its sample grid; the tune stage's run holds the trial table. Live metrics from another process reach a run."""
+    its sample grid and its score at every rung, also a trial whose run was never made while it ran (the server did
+    not answer then); the tune stage's run holds the trial table. Live metrics from another process reach a run."""
     import pickle
 
     tracker = _tracker(tmp_path / "out", monkeypatch)
@@ -65,19 +66,25 @@ def test_a_search_reads_as_a_table_of_trials_at_equal_n(tmp_path, monkeypatch):
     for key in ("w=0.5", "w=1"):
         tracker.start_child(f"trial {key}", parent=stage, tags={"stage": "tune-trial", "trial_id": key, "trial_key": key})
     rows = [{"key": "w=0.5", "w": 0.5, "sampler": {}, "fid_by_n": {"200": 30.0, "1000": 25.0}},
-            {"key": "w=1", "w": 1.0, "sampler": {}, "fid_by_n": {"200": 40.0}}]
+            {"key": "w=1", "w": 1.0, "sampler": {}, "fid_by_n": {"200": 40.0}},
+            {"key": "w=2,guidance=3", "w": 2.0, "sampler": {"guidance": 3.0}, "fid_by_n": {"200": 50.0}, "precision": 0.5}]
     grid = tmp_path / "samples.png"
     grid.write_bytes(b"\x89PNG not really")
     tracker.annotate_trials(stage, rows, [200, 1000], "w=0.5", {"w=0.5": str(grid)})
     runs = {r.data.tags["trial_key"]: r for r in tracker.client.search_runs([tracker.experiment_id], "tags.stage = 'tune-trial'")}
     assert {k: (r.data.tags["trial.status"], r.data.tags["trial.rung"], r.data.tags["trial.winner"]) for k, r in runs.items()} == {
-        "w=0.5": ("completed", "1000", "true"), "w=1": ("stopped", "200", "false")}
+        "w=0.5": ("completed", "1000", "true"), "w=1": ("stopped", "200", "false"), "w=2,guidance=3": ("stopped", "200", "false")}
+    assert runs["w=0.5"].data.metrics["fid_n200"] == 30.0 and runs["w=0.5"].data.metrics["fid_n1000"] == 25.0
+    lost = runs["w=2,guidance=3"]
+    assert lost.data.params == {"w": "2.0", "sampler.guidance": "3.0"} and lost.info.status == "FINISHED"
+    assert lost.data.metrics["fid_n200"] == 50.0 and lost.data.metrics["precision_n200"] == 0.5
     assert [a.path for a in tracker.client.list_artifacts(runs["w=0.5"].info.run_id)] == ["samples.png"]
     import json
 
     table = json.loads(open(tracker.client.download_artifacts(stage, "trials.json", str(tmp_path))).read())
     rows_back = [dict(zip(table["columns"], row)) for row in table["data"]]
-    assert [(r["key"], r["fid_n1000"], r["rung"], r["winner"]) for r in rows_back] == [("w=0.5", 25.0, 1000, True), ("w=1", None, 200, False)]
+    assert [(r["key"], r["fid_n1000"], r["rung"], r["winner"]) for r in rows_back] == [
+        ("w=0.5", 25.0, 1000, True), ("w=1", None, 200, False), ("w=2,guidance=3", None, 200, False)]
 
     sink = pickle.loads(pickle.dumps(tracker.live_metrics(stage)))  # as Ray Train's controller receives it
     for step in (10, 20):
