@@ -99,19 +99,20 @@ def s3_server():
     server.stop()
 
 
-# Minutes each long test took in `make test` on the 2-core machine (2026-12-04, two pytest workers: 26.7 min in
-# all). The workers take tests in collection order (`-n 2 --dist loadgroup`): the long ones go first, so that neither
-# worker is left with a long test at the end while the other idles.
+# Minutes each long test took in CI's `make test` (2026-12-07, two pytest workers, 45 min in all). The workers take
+# tests in collection order (`-n 2 --dist loadgroup`): the long ones go first, so that neither worker is left with
+# a long test at the end while the other idles.
 LONG_TESTS = {
-    "test_faults.py::": 9,  # it makes the session's undisturbed tiny run first ...
-    "test_families_e2e.py::test_family_runs_end_to_end[dit]": 6,
-    "test_zz_job_submit.py::": 8,  # two tests on one cluster (one xdist group): 5 + 3 minutes
-    "test_storage_s3.py::": 3,
-    "test_record_s3.py::test_a_tiny_run_to_s3": 3,  # estimated (2026-12-06, not yet timed in a quiet `make test`)
-    "test_plugins.py::": 3,
+    "test_zz_job_submit.py::": 14,  # two tests on one cluster (one xdist group): 10.5 + 4 minutes
+    "test_faults.py::": 12,  # it makes the session's undisturbed tiny run first ...
+    "test_families_e2e.py::test_family_runs_end_to_end[dit]": 7,
+    "test_record_s3.py::test_a_tiny_run_to_s3": 7,
+    "test_plugins.py::": 5,
+    "test_storage_s3.py::": 4,
+    "test_interrupts.py::": 3,
     "test_families_e2e.py::": 2,
-    "test_interrupts.py::": 2,
     "test_e2e.py::": 1,  # ... which this one then finds made (it would wait on the lock otherwise)
+    "test_fid_reference.py::test_cli_fid_json": 1,
     "test_search.py::test_each_searcher": 1,
     "test_stages_ray.py::test_zero": 1,
 }
