@@ -24,7 +24,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 90) -> None:
+def _wait_for(url: str, proc: subprocess.Popen, seconds: float = 240) -> None:
+    # Generous: a server starting on a loaded 2-core machine (two pytest workers and their Ray) took over 90 s.
     deadline = time.time() + seconds
     while time.time() < deadline:
         if proc.poll() is not None:
