@@ -57,10 +57,10 @@ def main() -> None:
     ap.add_argument("--out", default="neon_ray/configs/checkpoints/var-vq-fmnist.safetensors")
     ap.add_argument("--data-path", default=None)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--restart-every", type=int, default=100, help="steps between restarts of unused codes")
+    ap.add_argument("--restart-every", type=int, default=50, help="steps between restarts of unused codes")
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -83,14 +83,14 @@ def main() -> None:
         for group in opt.param_groups:
             group["lr"] = lr
         x = x_train[torch.randint(len(x_train), (args.batch_size,), generator=g)]
-        rec, vq_loss = vq(x)
+        rec, vq_loss, idx = vq(x)
         rec_loss = (rec - x).abs().mean()
         loss = rec_loss + vq_loss
         opt.zero_grad()
         loss.backward()
         opt.step()
         with torch.no_grad():
-            hits += torch.cat(vq.encode_indices(x), 1).flatten().bincount(minlength=vq.cfg.vocab).float()
+            hits += torch.cat(idx, 1).flatten().bincount(minlength=vq.cfg.vocab).float()
             if (step + 1) % args.restart_every == 0 and step + 1 < args.steps * 0.9:
                 dead = (hits == 0).nonzero().flatten()
                 if len(dead):
@@ -98,7 +98,7 @@ def main() -> None:
                     pick = torch.randint(len(feats), (len(dead),), generator=g)
                     vq.quantize.embedding.weight[dead] = feats[pick] + 0.01 * torch.randn(len(dead), vq.cfg.z, generator=g)
                 hits.zero_()
-        if step % 100 == 0 or step == args.steps - 1:
+        if step % 50 == 0 or step == args.steps - 1:
             line = dict(step=step, rec_l1=round(rec_loss.item(), 4), vq=round(vq_loss.item(), 4), s=round(time.time() - t0))
             log.append(line)
             print(json.dumps(line), flush=True)

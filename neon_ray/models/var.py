@@ -457,8 +457,9 @@ class VARFamily(ModelFamily):
                         f"{self.spec.preset} is {_describe(mine)}" + (f"; {keys}" if keys else ""))
 
 
-def _natural(key: str) -> list:
-    return [int(p) if p.isdigit() else p for p in key.split(".")]
+def _natural(key: str) -> tuple:
+    """Model-level keys first, then blocks in numeric order (blocks.2 before blocks.10)."""
+    return key.startswith("blocks."), [(0, int(p), "") if p.isdigit() else (1, 0, p) for p in key.split(".")]
 
 
 def _describe(size: tuple[int, int, bool, int]) -> str:

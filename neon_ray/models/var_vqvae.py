@@ -292,13 +292,14 @@ class VQVAE(nn.Module):
         return self.decoder(self.post_quant_conv(f_hat)).clamp(-1, 1)
 
     # -- tokenizer training (scripts/train_var_tokenizer.py) ------------------------------------------
-    def forward(self, images: torch.Tensor, beta: float = 0.25) -> tuple[torch.Tensor, torch.Tensor]:
-        """(reconstruction, VQ loss): the codebook and φ learn from ‖f̂ − sg(f)‖², the encoder from β·‖sg(f̂) − f‖²,
-        averaged over the scales' running f̂ (as the release's quantizer); the decoder sees f̂ straight-through."""
+    def forward(self, images: torch.Tensor, beta: float = 0.25) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """(reconstruction, VQ loss, token maps): the codebook and φ learn from ‖f̂ − sg(f)‖², the encoder from
+        β·‖sg(f̂) − f‖², averaged over the scales' running f̂ (as the release's quantizer); the decoder sees f̂
+        straight-through."""
         f = self.quant_conv(self.encoder(images))
         b, c, h, w = f.shape
         pns, scales = self.patch_nums, len(self.patch_nums)
-        rest, f_hat, loss = f.detach().clone(), torch.zeros_like(f), f.new_zeros(())
+        rest, f_hat, loss, idx = f.detach().clone(), torch.zeros_like(f), f.new_zeros(()), []
         for k, pn in enumerate(pns):
             down = F.interpolate(rest, size=(pn, pn), mode="area") if k != scales - 1 else rest
             with torch.no_grad():
@@ -306,9 +307,7 @@ class VQVAE(nn.Module):
             h_k = self.quantize.upsampled_codes(r, pn, h, k, scales)
             f_hat = f_hat + h_k
             rest = rest - h_k.detach()
+            idx.append(r)
             loss = loss + beta * F.mse_loss(f_hat.detach(), f) + F.mse_loss(f_hat, f.detach())
         f_st = f + (f_hat - f).detach()  # straight-through: the value of f̂, the gradient of f
-        return self.decode_unclamped(f_st), loss / scales
-
-    def decode_unclamped(self, f_hat: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.post_quant_conv(f_hat))
+        return self.decoder(self.post_quant_conv(f_st)), loss / scales, idx
