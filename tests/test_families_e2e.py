@@ -26,6 +26,7 @@ FAMILIES = {
     "autoregressive": ("tiny_ar.yaml", []),
     "fewstep": ("tiny_fewstep.yaml", []),
     "xar": ("tiny_xar.yaml", []),
+    "var": ("tiny_var.yaml", []),
     "toy-ddpm": ("toy_gaussian.yaml", ["pretrain.steps=50", "data.options.n_test=5000", "evaluate.num_samples=2000",
                                        "generate.num_samples=200", "finetune.budget_images=400", "tune.w_grid=[-1, 1]"]),
     # toy-flow: its protocol and sampler are tested in test_models_toy.py; its end-to-end run was dropped to keep

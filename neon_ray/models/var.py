@@ -376,8 +376,14 @@ class VARFamily(ModelFamily):
         return VAR(self.vq_config.vocab, self.vq_config.z, self.spec.num_classes, int(h["depth"]), int(h["width"]),
                    int(h["heads"]), self.patch_nums, bool(h["shared_aln"]), float(h["drop_path"]))
 
+    def use_tokenizer(self, vq: VQVAE) -> None:
+        """Use this VQ-VAE instead of `model.options.vae` (benchmarks time the official shapes with random weights)."""
+        self._vq = vq.eval().requires_grad_(False)
+
     def tokenizer(self, device: torch.device) -> VQVAE:
         """The frozen VQ-VAE (loaded strictly on first use, shared by families of the same file)."""
+        if getattr(self, "_vq", None) is not None:
+            return self._vq if self._vq.quantize.embedding.weight.device == device else self._vq.to(device)
         if self.vae_path is None:
             raise ConfigError(f"model.options.vae: {self.spec.preset} needs its VQ-VAE file ({self.hparams['tokenizer']}; "
                               "the official one is vae_ch160v4096z32.pth from huggingface.co/FoundationVision/var)")
