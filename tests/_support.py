@@ -108,3 +108,31 @@ def dependencies_python() -> str:
             if found and (python := Path(found.group(2)).parents[2] / "bin" / "python").exists():
                 return str(python)
     return sys.executable
+
+
+def meta_build(family):
+    """The family's network on the meta device: shapes only (the official presets hold up to billions of parameters)."""
+    import torch
+
+    with torch.device("meta"):
+        return family.build()
+
+
+def meta_state(layout: dict):
+    """A state dict of meta tensors of the given key → shape listing."""
+    import torch
+
+    return {k: torch.empty(s, device="meta") for k, s in layout.items()}
+
+
+def randomised(family, scale: float = 0.05):
+    """The family's network (eval mode) at torch seed 0, every parameter moved by scale·N(0, 1): outputs that
+    depend on every weight, as an untrained initialisation (zero gates, zero heads) would not."""
+    import torch
+
+    torch.manual_seed(0)
+    net = family.build().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return net

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from _support import meta_build, meta_state, randomised
 from neon_ray.errors import ConfigError, NeonError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.var import PN_256, PN_512, PN_FMNIST, VAR_PRESETS, resolve_tokenizer_path, SHIPPED_TOKENIZER
@@ -124,15 +125,6 @@ def official_family(preset: str, options: dict | None = None):
     return get_family("var")(ModelSpec("var", preset, (3, side, side), 1000, options or {}))
 
 
-def meta_build(family) -> nn.Module:
-    with torch.device("meta"):  # up to 2.35B parameters: shapes only
-        return family.build()
-
-
-def meta_state(layout: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(s, device="meta") for k, s in layout.items()}
-
-
 @pytest.fixture(scope="module")
 def vq_file(tmp_path_factory) -> str:
     """A randomly initialised vq-fmnist tokenizer: the protocol tests do not depend on the shipped weights."""
@@ -145,15 +137,6 @@ def vq_file(tmp_path_factory) -> str:
 
 def tiny(vq_file: str, options: dict | None = None):
     return get_family("var")(ModelSpec("var", "var-tiny", (1, 28, 28), 10, {"vae": vq_file, **(options or {})}))
-
-
-def randomised(family, scale: float = 0.1) -> nn.Module:
-    torch.manual_seed(0)
-    net = family.build().eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return net
 
 
 # -- the official layouts ----------------------------------------------------------------------------
@@ -302,7 +285,7 @@ def test_labels_are_dropped_at_the_official_rate(vq_file):
 
 def test_block_causal_mask_hides_later_scales_and_the_cache_equals_the_full_forward(vq_file):
     family = tiny(vq_file)
-    net = randomised(family)
+    net = randomised(family, scale=0.1)
     assert net.lvl_1L.dtype == torch.int64 and net.lvl_1L[0, -49:].eq(5).all()
     assert torch.isinf(net.attn_bias_for_masking).sum() == sum(p * p * sum(q * q for q in PN_FMNIST[k + 1:]) for k, p in enumerate(PN_FMNIST))
     x, y = torch.randn(2, 103, 16), torch.tensor([1, 10])
@@ -323,7 +306,7 @@ def test_block_causal_mask_hides_later_scales_and_the_cache_equals_the_full_forw
 
 def test_sample_i_depends_only_on_seed_i(vq_file):
     family = tiny(vq_file)
-    net = randomised(family)
+    net = randomised(family, scale=0.1)
     s = family.validate_sampler({"guidance": 2.0, "top_k": 100, "top_p": 0.9})
     labels, seeds = torch.tensor([2, 5, 9, 0]), [31, 32, 33, 34]
     images = family.sample(net, labels, seeds, s)
@@ -362,7 +345,7 @@ def test_cfg_batches_both_halves_and_ramps_over_scales(vq_file):
 
 def test_sampling_under_bf16_autocast(vq_file):
     family = tiny(vq_file)
-    net = randomised(family)
+    net = randomised(family, scale=0.1)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = family.sample(net, torch.tensor([0, 1]), [1, 2], family.validate_sampler({"guidance": 1.0}))
     assert out.dtype == torch.float32 and torch.isfinite(out).all() and out.shape == (2, 1, 28, 28)

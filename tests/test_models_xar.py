@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from _support import meta_build, meta_state, randomised
 from neon_ray.errors import ConfigError, NeonError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.xar import XAR_PRESETS, cluster_order
@@ -72,26 +73,8 @@ def official_family(preset: str, shape=(16, 16, 16), options: dict | None = None
     return get_family("xar")(ModelSpec("xar", preset, shape, 1000, options or {}))
 
 
-def meta_build(family) -> nn.Module:
-    with torch.device("meta"):  # up to 1.19B parameters: shapes only
-        return family.build()
-
-
-def meta_state(layout: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(s, device="meta") for k, s in layout.items()}
-
-
 def tiny(options: dict | None = None, shape=(1, 28, 28)):
     return get_family("xar")(ModelSpec("xar", "xar-tiny", shape, 10, options or {}))
-
-
-def randomised(family, scale: float = 0.05) -> nn.Module:
-    torch.manual_seed(0)
-    net = family.build().eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return net
 
 
 # -- the official layout -------------------------------------------------------------------------
