@@ -245,6 +245,49 @@ def test_official_presets_refuse_other_image_shapes_and_need_their_vqvae():
         official_family("VAR-d16", {"vae": "/nope/vae.pth"})
 
 
+# Reference values from the official code (FoundationVision/VAR models/vqvae.py, var.py), run on CPU with
+# VQVAE(vocab_size=64, z_channels=8, ch=32, share_quant_resi=4, v_patch_nums=(1, 2, 3, 4)) and VAR(depth=2,
+# embed_dim=64, num_heads=2, attn_l2_norm=True, cond_drop_rate=0, no drop path): every parameter of each, in sorted
+# name order, set to 0.1·N(0, 1) from torch.Generator().manual_seed(0); images N(0, 1) from seed 1 clamped to
+# [−1, 1] (2×3×64×64); img_to_idxBl, idxBl_to_var_input, the forward at labels (3, null), fhat_to_img.
+REF_TOKENS = ([57, 39, 22, 52, 45, 7, 57, 57, 45, 57, 57, 31, 45, 45, 7, 56, 56, 6, 2, 17, 17, 16, 3, 5, 5, 16, 58, 4, 17, 33],
+              [45, 57, 26, 22, 29, 39, 25, 7, 57, 54, 45, 2, 7, 57, 56, 56, 56, 26, 62, 54, 29, 12, 6, 3, 47, 26, 62, 14, 14, 50])
+REF_TEACHER = ([0.060710, -0.030199, 0.185606, -0.045172], 0.090326)  # x_in[1, 5, :4], mean |x_in|
+REF_LOGITS = ([-0.034330, 0.480019, -0.005829, -0.365000], [-0.322818, -0.328794, -1.660226, 0.128046], 0.633477)
+REF_DECODED = ([0.222679, -0.055737, 0.157308], 0.133625)  # image 0 at (:, 10, 20), mean |image|
+
+
+def test_tokenizer_and_forward_match_the_official_code():
+    from neon_ray.models.var import VAR
+    from neon_ray.models.var_vqvae import VQConfig
+
+    pn = (1, 2, 3, 4)
+    vq = VQVAE(VQConfig(vocab=64, z=8, ch=32, ch_mult=(1, 1, 2, 2, 4), res_blocks=2, in_channels=3), pn)
+    net = VAR(64, 8, 10, depth=2, width=64, heads=2, patch_nums=pn, shared_aln=False, drop_path=0.0).eval()
+    for module in (vq, net):
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for _, p in sorted(module.named_parameters()):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
+    with torch.no_grad():
+        idx = vq.encode_indices(images)
+        x_in = vq.teacher_input(idx)
+        logits = net(x_in, torch.tensor([3, 10]))
+        f_hat = torch.zeros(2, 8, 4, 4)
+        for k, r in enumerate(idx):
+            f_hat, _ = vq.next_input(k, f_hat, r)
+        decoded = vq.decode(f_hat)
+    assert torch.cat(idx, 1).tolist() == list(map(list, REF_TOKENS))
+    torch.testing.assert_close(x_in[1, 5, :4], torch.tensor(REF_TEACHER[0]), atol=1e-5, rtol=0)
+    assert x_in.abs().mean().item() == pytest.approx(REF_TEACHER[1], abs=1e-5)
+    torch.testing.assert_close(logits[0, 0, :4], torch.tensor(REF_LOGITS[0]), atol=2e-5, rtol=0)
+    torch.testing.assert_close(logits[1, 29, :4], torch.tensor(REF_LOGITS[1]), atol=2e-5, rtol=0)
+    assert logits.abs().mean().item() == pytest.approx(REF_LOGITS[2], abs=1e-5)
+    torch.testing.assert_close(decoded[0, :, 10, 20], torch.tensor(REF_DECODED[0]), atol=2e-5, rtol=0)
+    assert decoded.abs().mean().item() == pytest.approx(REF_DECODED[1], abs=1e-5)
+
+
 # -- the tiny preset: objective, mask, cache, sampling -------------------------------------------------
 
 

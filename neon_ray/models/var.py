@@ -54,7 +54,7 @@ CHECKPOINTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__fil
 
 def _official(depth: int, shared_aln: bool = False, patch_nums: tuple[int, ...] = PN_256) -> dict:
     # build_vae_var: width 64·d, d heads, stochastic depth 0.1·d/24 (kept in the fine-tune, as the Neon authors' copy)
-    return dict(depth=depth, width=64 * depth, heads=depth, shared_aln=shared_aln, drop_path=0.1 * depth / 24,
+    return dict(depth=depth, width=64 * depth, heads=depth, shared_aln=shared_aln, drop_path=round(0.1 * depth / 24, 6),
                 patch_nums=patch_nums, tokenizer="vae_ch160v4096z32", vae=None)
 
 
