@@ -182,7 +182,7 @@ def test_official_vqvae_layout_loads_strictly():
 @pytest.mark.parametrize("tamper,expected", [
     (lambda d: d.__setitem__("quantize.embedding.weight", (8192, 32)), "is a VQ-VAE of 8192 codes × 32 dims; this preset reads vae_ch160v4096z32 (4096 codes × 32 dims)"),
     (lambda d: d.__setitem__("quantize.ema_vocab_hit_SV", (13, 4096)), "was made for 13 scales; this preset uses 10 (1_2_3_4_5_6_8_10_13_16)"),
-    (lambda d: d.pop("decoder.up.4.attn.2.qkv.bias"), "is not a vae_ch160v4096z32 VQ-VAE: missing keys [decoder.up.4.attn.2.qkv.bias]"),
+    (lambda d: d.pop("decoder.up.4.attn.2.qkv.bias"), "is not a vae_ch160v4096z32 VQ-VAE (checkpoint vq.pth does not fit the model: missing keys [decoder.up.4.attn.2.qkv.bias])"),
     (lambda d: d.__setitem__("encoder.conv_in.weight", (160, 1, 3, 3)), "wrong shapes [encoder.conv_in.weight (160, 1, 3, 3)≠(160, 3, 3, 3)]"),
 ])
 def test_another_vqvae_is_one_line(tamper, expected):

@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import ConfigError, NeonError
 from .autoregressive import filter_logits, inverse_cdf
 from .base import ModelFamily, ModelSpec, SamplerSettings
-from .checkpoint import _abbrev
+from .checkpoint import _abbrev, check_state_dict
 from .dit import run_block
 from .registry import register_family
 from .var_vqvae import TOKENIZERS, VQVAE, VQConfig
@@ -306,14 +306,11 @@ def check_tokenizer(state: dict[str, torch.Tensor], meta: dict[str, str], name: 
         raise ConfigError(f"model.options.vae: {name} quantizes the scales {meta['patch_nums']}; this preset uses "
                           f"{'_'.join(map(str, patch_nums))} (model.options.patch_nums)")
     with torch.device("meta"):
-        expected = {k: tuple(v.shape) for k, v in VQVAE(cfg, patch_nums).state_dict().items()}
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k} {tuple(state[k].shape)}≠{expected[k]}" for k in set(expected) & set(state) if tuple(state[k].shape) != expected[k])
-    problems = [f"{what} {_abbrev(keys, 4)}" for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                                                ("wrong shapes", wrong)) if keys]
-    if problems:
-        raise ConfigError(f"model.options.vae: {name} is not a {tokenizer} VQ-VAE: " + "; ".join(problems))
+        expected = VQVAE(cfg, patch_nums)
+    try:
+        check_state_dict(expected, state, name)
+    except NeonError as exc:
+        raise ConfigError(f"model.options.vae: {name} is not a {tokenizer} VQ-VAE ({exc})") from None
 
 
 @functools.lru_cache(maxsize=2)
