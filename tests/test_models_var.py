@@ -394,6 +394,22 @@ def test_sampling_under_bf16_autocast(vq_file):
     assert out.dtype == torch.float32 and torch.isfinite(out).all() and out.shape == (2, 1, 28, 28)
 
 
+def test_activation_checkpointing_gives_the_same_gradients(vq_file):
+    family = tiny(vq_file)
+    torch.manual_seed(0)
+    plain = family.build().train()
+    checkpointed = family.build().train()
+    checkpointed.load_state_dict(plain.state_dict())
+    family.enable_activation_checkpointing(checkpointed)
+    images, labels = torch.rand(3, 1, 28, 28) * 2 - 1, torch.tensor([0, 1, 2])
+    grads = []
+    for net in (plain, checkpointed):
+        family.training_loss(net, images, labels, torch.Generator().manual_seed(0)).backward()
+        grads.append({k: p.grad for k, p in net.named_parameters()})
+    for key in grads[0]:
+        torch.testing.assert_close(grads[1][key], grads[0][key], atol=1e-6, rtol=1e-5)
+
+
 # -- the shipped tokenizer and configuration -------------------------------------------------------
 
 
