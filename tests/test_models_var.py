@@ -255,9 +255,11 @@ REF_TOKENS = ([57, 39, 22, 52, 45, 7, 57, 57, 45, 57, 57, 31, 45, 45, 7, 56, 56,
 REF_TEACHER = ([0.060710, -0.030199, 0.185606, -0.045172], 0.090326)  # x_in[1, 5, :4], mean |x_in|
 REF_LOGITS = ([-0.034330, 0.480019, -0.005829, -0.365000], [-0.322818, -0.328794, -1.660226, 0.128046], 0.633477)
 REF_DECODED = ([0.222679, -0.055737, 0.157308], 0.133625)  # image 0 at (:, 10, 20), mean |image|
+# autoregressive_infer_cfg(B=2, label_B=(3, 7), cfg=2.0, top_k=1): greedy, so no randomness; images mapped to [−1, 1]
+REF_GREEDY = ([-0.049881, 0.062525, 0.134341], [0.194591, 0.034775, 0.229518], 0.134625)  # [0, :, 30, 40], [1, :, 5, 60], mean |·|
 
 
-def test_tokenizer_and_forward_match_the_official_code():
+def official_numerics_models():
     from neon_ray.models.var import VAR
     from neon_ray.models.var_vqvae import VQConfig
 
@@ -269,6 +271,11 @@ def test_tokenizer_and_forward_match_the_official_code():
         with torch.no_grad():
             for _, p in sorted(module.named_parameters()):
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return vq.eval(), net
+
+
+def test_tokenizer_and_forward_match_the_official_code():
+    vq, net = official_numerics_models()
     images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).clamp(-1, 1)
     with torch.no_grad():
         idx = vq.encode_indices(images)
@@ -286,6 +293,22 @@ def test_tokenizer_and_forward_match_the_official_code():
     assert logits.abs().mean().item() == pytest.approx(REF_LOGITS[2], abs=1e-5)
     torch.testing.assert_close(decoded[0, :, 10, 20], torch.tensor(REF_DECODED[0]), atol=2e-5, rtol=0)
     assert decoded.abs().mean().item() == pytest.approx(REF_DECODED[1], abs=1e-5)
+
+
+def test_greedy_sampling_with_the_cfg_ramp_matches_the_official_sampler(monkeypatch):
+    """top-k 1 makes both samplers deterministic: the KV cache, the ramped CFG on the logits, the next scale's input
+    and the decode are then compared exactly with the official autoregressive_infer_cfg."""
+    from neon_ray.models import var_vqvae
+
+    vq, net = official_numerics_models()
+    monkeypatch.setitem(var_vqvae.TOKENIZERS, "official-small", vq.cfg)
+    family = get_family("var")(ModelSpec("var", "var-tiny", (3, 64, 64), 10, {
+        "tokenizer": "official-small", "patch_nums": [1, 2, 3, 4], "depth": 2, "width": 64, "heads": 2, "vae": None}))
+    family.use_tokenizer(vq)
+    images = family.sample(net, torch.tensor([3, 7]), [0, 1], family.validate_sampler({"guidance": 2.0, "top_k": 1, "top_p": 1.0}))
+    torch.testing.assert_close(images[0, :, 30, 40], torch.tensor(REF_GREEDY[0]), atol=2e-5, rtol=0)
+    torch.testing.assert_close(images[1, :, 5, 60], torch.tensor(REF_GREEDY[1]), atol=2e-5, rtol=0)
+    assert images.abs().mean().item() == pytest.approx(REF_GREEDY[2], abs=1e-5)
 
 
 # -- the tiny preset: objective, mask, cache, sampling -------------------------------------------------
