@@ -35,7 +35,7 @@ FAMILIES = {
 # These start from a saved random initialisation (model.checkpoint) instead of the pretrain stage: the stage is the
 # same code for every family (its objective is the fine-tune's, run here through DeepSpeed; each family's loss is
 # tested in test_models_*), and DiT, xAR, the toy and test_e2e run it. Skipping it keeps `make test` within 40 min.
-FROM_CHECKPOINT = {"edm", "flow", "autoregressive", "fewstep"}
+FROM_CHECKPOINT = {"edm", "flow", "autoregressive", "fewstep", "var"}
 
 
 def random_base(config, output, path):
