@@ -4,15 +4,13 @@ the CFG ramp, tokenizer files, and one-line errors for checkpoints of another si
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from _support import meta_build, meta_state, randomised
+from _support import assert_imports_no_distributed_stack, check_official_layout, meta_build, meta_state, randomised
 from neon_ray.errors import ConfigError, NeonError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.var import PN_256, PN_512, PN_FMNIST, VAR_PRESETS, resolve_tokenizer_path, SHIPPED_TOKENIZER
@@ -143,26 +141,15 @@ def tiny(vq_file: str, options: dict | None = None):
 
 
 def test_model_modules_import_no_distributed_stack():
-    code = ("import sys, neon_ray.models.var;"
-            "bad=[m for m in ('ray','deepspeed','mlflow','diffusers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert_imports_no_distributed_stack("neon_ray.models.var")
 
 
 @pytest.mark.parametrize("preset", sorted(OFFICIAL))
 def test_official_state_dict_layout_and_parameter_count(preset):
     depth, shared, patch_nums, n_params = OFFICIAL[preset]
-    family = official_family(preset)
-    net = meta_build(family)
-    layout = official_var_layout(depth, shared, patch_nums)
-    mine = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    assert sorted(set(layout) - set(mine)) == [] and sorted(set(mine) - set(layout)) == []
-    assert {k: s for k, s in mine.items() if layout[k] != s} == {}
-    family.load_state_dict(net, meta_state(layout), f"{preset}.pth")  # strict: every key, every shape
-    counted = sum(p.numel() for p in net.parameters())
-    assert counted == n_params == sum(math.prod(s) for k, s in layout.items() if not k.endswith(BUFFERS))
+    counted = check_official_layout(official_family(preset), official_var_layout(depth, shared, patch_nums), n_params, BUFFERS,
+                                    f"{preset}.pth")
     assert counted == pytest.approx(PAPER_SIZES[preset], rel=0.005)
-    assert {k for k, _ in net.named_buffers()} == {k for k in layout if k.endswith(BUFFERS)}
     assert VAR_PRESETS[preset]["width"] == 64 * depth and VAR_PRESETS[preset]["heads"] == depth
 
 

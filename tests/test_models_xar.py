@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
-from _support import meta_build, meta_state, randomised
+from _support import assert_imports_no_distributed_stack, check_official_layout, meta_build, meta_state, randomised
 from neon_ray.errors import ConfigError, NeonError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.xar import XAR_PRESETS, cluster_order
@@ -81,27 +79,16 @@ def tiny(options: dict | None = None, shape=(1, 28, 28)):
 
 
 def test_model_module_imports_no_distributed_stack():
-    code = ("import sys, neon_ray.models.xar;"
-            "bad=[m for m in ('ray','deepspeed','mlflow','diffusers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert_imports_no_distributed_stack("neon_ray.models.xar")
 
 
 @pytest.mark.parametrize("preset", sorted(OFFICIAL))
 def test_official_state_dict_layout_and_parameter_count(preset):
     width, enc, dec, heads, n_params = OFFICIAL[preset]
-    family = official_family(preset)
-    net = meta_build(family)
-    layout = official_xar_layout(width, enc, dec, heads)
-    mine = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    assert sorted(set(layout) - set(mine)) == [] and sorted(set(mine) - set(layout)) == []
-    assert {k: s for k, s in mine.items() if layout[k] != s} == {}
-    family.load_state_dict(net, meta_state(layout), f"{preset}.pth")  # strict: every key, every shape
     # Parameters vs buffers as released (the EMA checkpoints hold both; only parameters count).
-    counted = sum(p.numel() for p in net.parameters())
-    assert counted == n_params == sum(math.prod(s) for k, s in layout.items() if not k.endswith(PARAMETER_BUFFERS))
+    counted = check_official_layout(official_family(preset), official_xar_layout(width, enc, dec, heads), n_params,
+                                    PARAMETER_BUFFERS, f"{preset}.pth")
     assert counted == pytest.approx(PAPER_SIZES[preset], rel=0.02)
-    assert {k for k, _ in net.named_buffers()} == {k for k in layout if k.endswith(PARAMETER_BUFFERS)}
 
 
 def test_official_hidden_sizes_and_presets():
