@@ -161,3 +161,19 @@ def check_official_layout(family, layout: dict, n_params: int, buffer_suffixes: 
     assert counted == n_params == sum(math.prod(s) for k, s in layout.items() if not k.endswith(buffer_suffixes))
     assert {k for k, _ in net.named_buffers()} == {k for k in layout if k.endswith(buffer_suffixes)}
     return counted
+
+
+def assert_tampering_is_one_line(family, net, layout: dict, cases: dict, source: str) -> None:
+    """Each tampering of the `layout` (cases: expected message part → function editing the listing) makes the
+    family's strict load fail with one line that starts with the generic listing and names the key."""
+    import pytest
+
+    from neon_ray.errors import NeonError
+
+    for expected, tamper in cases.items():
+        bad = dict(layout)
+        tamper(bad)
+        with pytest.raises(NeonError) as err:
+            family.load_state_dict(net, meta_state(bad), source)
+        msg = str(err.value)
+        assert msg.startswith(f"checkpoint {source} does not fit the model: ") and expected in msg and "\n" not in msg, msg

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from _support import assert_imports_no_distributed_stack, check_official_layout, meta_build, meta_state, randomised
+from _support import (assert_imports_no_distributed_stack, assert_tampering_is_one_line, check_official_layout, meta_build,
+                      meta_state, randomised)
 from neon_ray.errors import ConfigError, NeonError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.var import PN_256, PN_512, PN_FMNIST, VAR_PRESETS, resolve_tokenizer_path, SHIPPED_TOKENIZER
@@ -193,13 +194,7 @@ def test_tampered_state_dict_names_the_key_in_one_line():
         "missing keys [attn_bias_for_masking]": lambda d: d.pop("attn_bias_for_masking"),
         "missing keys [blocks.15.attn.zero_k_bias]": lambda d: d.pop("blocks.15.attn.zero_k_bias"),
     }
-    for expected, tamper in cases.items():
-        bad = official_var_layout(16, False, PN_256)
-        tamper(bad)
-        with pytest.raises(NeonError) as err:
-            family.load_state_dict(net, meta_state(bad), "var_d16.pth")
-        msg = str(err.value)
-        assert msg.startswith("checkpoint var_d16.pth does not fit the model: ") and expected in msg and "\n" not in msg, msg
+    assert_tampering_is_one_line(family, net, official_var_layout(16, False, PN_256), cases, "var_d16.pth")
 
 
 def test_checkpoint_of_another_depth_or_resolution_names_the_preset():

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from _support import assert_imports_no_distributed_stack, check_official_layout, meta_build, meta_state, randomised
+from _support import (assert_imports_no_distributed_stack, assert_tampering_is_one_line, check_official_layout, meta_build,
+                      meta_state, randomised)
 from neon_ray.errors import ConfigError, NeonError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.xar import XAR_PRESETS, cluster_order
@@ -109,13 +110,7 @@ def test_tampered_state_dict_names_the_key_in_one_line():
         "wrong shapes [decoder_blocks.7.mlp.fc2.weight (768, 2047)≠(768, 2048)]": lambda d: d.__setitem__("decoder_blocks.7.mlp.fc2.weight", (768, 2047)),
         "missing keys [mask]": lambda d: d.pop("mask"),
     }
-    for expected, tamper in cases.items():
-        bad = dict(layout)
-        tamper(bad)
-        with pytest.raises(NeonError) as err:
-            family.load_state_dict(net, meta_state(bad), "xAR-B.pth")
-        msg = str(err.value)
-        assert msg.startswith("checkpoint xAR-B.pth does not fit the model: ") and expected in msg and "\n" not in msg, msg
+    assert_tampering_is_one_line(family, net, layout, cases, "xAR-B.pth")
 
 
 def test_checkpoint_of_another_size_or_token_layout_says_which():
