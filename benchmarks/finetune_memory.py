@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Memory and speed of DeepSpeed ZeRO 0 / 2 / 3 / 3 + offload fine-tuning of large models on Ray Train (CPU).
 
-    python benchmarks/finetune_memory.py                                    # DiT-XL/2 (675M) and xAR-L (608M), 3 steps
-    python benchmarks/finetune_memory.py --models dit-tiny,xar-tiny --steps 2   # a one-minute check of the script
+    python benchmarks/finetune_memory.py                                    # DiT-XL/2 (675M), xAR-L (608M), VAR-d16 (310M), 3 steps
+    python benchmarks/finetune_memory.py --models dit-tiny,xar-tiny,var-tiny --steps 2   # a one-minute check of the script
     python benchmarks/finetune_memory.py --bf16 --configs zero0,zero3           # bf16 with fp32 master weights
 
 Each row fine-tunes the preset from the same random initialisation (torch seed 0) for --steps steps of
@@ -15,7 +15,8 @@ worker environment (runtime/ray_train.py host_memory_env) and DeepSpeed bucket s
 do not fit (Ray's memory monitor stops them) prints a "did not run" row and the script goes on.
 
 The loss is a fixed regression of the network's output onto targets drawn per row from (seed, step, row)
-(not the family objective, whose noise is drawn per batch): the global batch is then the same rows however
+(VAR: the cross-entropy of its logits against random codes, its input random teacher-forcing features; not the
+family objective, whose noise and tokenizer are per batch): the global batch is then the same rows however
 the workers split it, and ZeRO-0 and ZeRO-3 must reach the same weights (in fp32; under --bf16 to the
 rounding of bf16 gradients, which ZeRO-3 reduces across the workers in bf16). Columns, per worker:
 - peak RSS: the worker process's maximum resident memory over the training steps (getrusage), and again
@@ -44,7 +45,8 @@ import torch
 
 SPECS = {  # ImageNet-256 latent shapes of the official models; Fashion-MNIST shapes for the tiny ones
     "DiT-XL/2": ("diffusion", (4, 32, 32), 1000), "xAR-L": ("xar", (16, 16, 16), 1000),
-    "dit-tiny": ("diffusion", (1, 28, 28), 10), "xar-tiny": ("xar", (1, 28, 28), 10),
+    "VAR-d16": ("var", (3, 256, 256), 1000),  # 680 tokens of the 16×16 VQ-VAE map at 256²
+    "dit-tiny": ("diffusion", (1, 28, 28), 10), "xar-tiny": ("xar", (1, 28, 28), 10), "var-tiny": ("var", (1, 28, 28), 10),
 }
 CONFIGS = {"zero0": (0, False, 1), "zero2": (2, False, 2), "zero3": (3, False, 2), "zero3+offload": (3, True, 2)}
 
@@ -64,7 +66,11 @@ def batch_rows(family, net_kind: str, rows: range, step: int, seed: int, out_cha
     xs, ts, ys, targets = [], [], [], []
     for row in rows:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step * 10_007 + row)
-        if net_kind == "xar":
+        if net_kind == "var":  # teacher-forcing features of scales 2 … K; the codes of all L tokens as targets
+            tokens, first, v = sum(p * p for p in family.patch_nums), family.patch_nums[0] ** 2, family.vq_config.vocab
+            xs.append(torch.randn(tokens - first, family.vq_config.z, generator=g)), ts.append(torch.zeros(()))
+            targets.append(torch.randint(0, v, (tokens,), generator=g))
+        elif net_kind == "xar":
             n, d, k = family.grid[0] * family.grid[1], family.token_dim, family.clusters
             xs.append(torch.randn(n, d, generator=g)), ts.append(torch.rand(k, generator=g)), targets.append(torch.randn(n, d, generator=g))
         else:
@@ -106,7 +112,10 @@ def train_loop(cfg: dict) -> None:
         x, t, y, target = batch_rows(family, family_name, range(rank * micro, (rank + 1) * micro), step, seed=1,
                                       out_channels=getattr(net, "out_channels", None))
         t0 = time.perf_counter()
-        loss = torch.nn.functional.mse_loss(engine(x.to(dtype), t.to(dtype), y).float(), target)
+        if family_name == "var":
+            loss = torch.nn.functional.cross_entropy(engine(x.to(dtype), y).float().flatten(0, 1), target.flatten())
+        else:
+            loss = torch.nn.functional.mse_loss(engine(x.to(dtype), t.to(dtype), y).float(), target)
         engine.backward(loss)
         engine.step()
         times.append(time.perf_counter() - t0)
@@ -182,7 +191,7 @@ def did_not_run(exc: BaseException) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="DiT-XL/2,xAR-L")
+    ap.add_argument("--models", default="DiT-XL/2,xAR-L,VAR-d16")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2, help="global batch (split over the workers)")

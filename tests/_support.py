@@ -108,3 +108,72 @@ def dependencies_python() -> str:
             if found and (python := Path(found.group(2)).parents[2] / "bin" / "python").exists():
                 return str(python)
     return sys.executable
+
+
+def meta_build(family):
+    """The family's network on the meta device: shapes only (the official presets hold up to billions of parameters)."""
+    import torch
+
+    with torch.device("meta"):
+        return family.build()
+
+
+def meta_state(layout: dict):
+    """A state dict of meta tensors of the given key → shape listing."""
+    import torch
+
+    return {k: torch.empty(s, device="meta") for k, s in layout.items()}
+
+
+def randomised(family, scale: float = 0.05):
+    """The family's network (eval mode) at torch seed 0, every parameter moved by scale·N(0, 1): outputs that
+    depend on every weight, as an untrained initialisation (zero gates, zero heads) would not."""
+    import torch
+
+    torch.manual_seed(0)
+    net = family.build().eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(scale * torch.randn_like(p))
+    return net
+
+
+def assert_imports_no_distributed_stack(module: str) -> None:
+    """`module` imported in a fresh interpreter loads none of ray, deepspeed, mlflow, diffusers (model math stays apart)."""
+    code = (f"import sys, {module};"
+            "bad=[m for m in ('ray','deepspeed','mlflow','diffusers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def check_official_layout(family, layout: dict, n_params: int, buffer_suffixes: tuple[str, ...], source: str) -> int:
+    """The family's network (on the meta device) has exactly the hand-written key → shape `layout`, loads it strictly,
+    counts `n_params` parameters (the layout's entries less the buffers) and has exactly the layout's buffers.
+    Returns the parameter count."""
+    import math
+
+    net = meta_build(family)
+    mine = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    assert sorted(set(layout) - set(mine)) == [] and sorted(set(mine) - set(layout)) == []
+    assert {k: s for k, s in mine.items() if layout[k] != s} == {}
+    family.load_state_dict(net, meta_state(layout), source)  # strict: every key, every shape
+    counted = sum(p.numel() for p in net.parameters())
+    assert counted == n_params == sum(math.prod(s) for k, s in layout.items() if not k.endswith(buffer_suffixes))
+    assert {k for k, _ in net.named_buffers()} == {k for k in layout if k.endswith(buffer_suffixes)}
+    return counted
+
+
+def assert_tampering_is_one_line(family, net, layout: dict, cases: dict, source: str) -> None:
+    """Each tampering of the `layout` (cases: expected message part → function editing the listing) makes the
+    family's strict load fail with one line that starts with the generic listing and names the key."""
+    import pytest
+
+    from neon_ray.errors import NeonError
+
+    for expected, tamper in cases.items():
+        bad = dict(layout)
+        tamper(bad)
+        with pytest.raises(NeonError) as err:
+            family.load_state_dict(net, meta_state(bad), source)
+        msg = str(err.value)
+        assert msg.startswith(f"checkpoint {source} does not fit the model: ") and expected in msg and "\n" not in msg, msg

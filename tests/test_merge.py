@@ -171,3 +171,28 @@ def test_streamed_checkpoint_equals_the_one_written_whole(tmp_path):
     with pytest.raises(AssertionError, match="layout order"):  # a tensor out of order never lands in the file
         save_checkpoint_streaming(str(tmp_path / "bad.safetensors"), layout, reversed(list(state.items())), spec)
     assert not (tmp_path / "bad.safetensors").exists()
+
+
+def test_var_checkpoint_keeps_its_mask_and_level_index(tmp_path):
+    """A VAR (var-tiny) state dict: the −inf block-causal bias and the int64 level index come through from θ_base
+    unchanged, whatever θ_ft holds; every float weight is extrapolated (the official Neon merge skips the same)."""
+    from neon_ray.models import ModelSpec, get_family
+    from neon_ray.models.checkpoint import save_checkpoint
+
+    family = get_family("var")(ModelSpec("var", "var-tiny", (1, 28, 28), 10, {"vae": None}))
+    torch.manual_seed(0)
+    base = family.build().state_dict()
+    g = torch.Generator().manual_seed(1)
+    ft = {k: v + 0.01 * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in base.items()}
+    ft["lvl_1L"] = base["lvl_1L"] + 1  # even a θ_ft whose buffers moved: θ_base's are kept
+    ft["attn_bias_for_masking"] = torch.zeros_like(base["attn_bias_for_masking"])
+    save_checkpoint(str(tmp_path / "base.safetensors"), base, family.spec)
+    save_checkpoint(str(tmp_path / "ft.safetensors"), ft, family.spec)
+    info = merge_files(str(tmp_path / "base.safetensors"), str(tmp_path / "ft.safetensors"), str(tmp_path / "neon.safetensors"), 0.7)
+    out = load_file(tmp_path / "neon.safetensors")
+    assert out["lvl_1L"].dtype == torch.int64 and torch.equal(out["lvl_1L"], base["lvl_1L"])
+    mask = out["attn_bias_for_masking"]
+    assert torch.equal(mask, base["attn_bias_for_masking"]) and torch.isneginf(mask).any() and (mask == 0).any()
+    assert info == {"merged_tensors": len(base) - 2, "copied_tensors": 2}
+    for key in ("head.weight", "blocks.1.ada_lin.1.weight", "blocks.0.attn.scale_mul_1H11", "pos_1LC", "blocks.0.attn.zero_k_bias"):
+        torch.testing.assert_close(out[key], base[key] - 0.7 * (ft[key] - base[key]), atol=1e-6, rtol=1e-6)

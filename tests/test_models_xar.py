@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 from torch import nn
 
+from _support import (assert_imports_no_distributed_stack, assert_tampering_is_one_line, check_official_layout, meta_build,
+                      meta_state, randomised)
 from neon_ray.errors import ConfigError, NeonError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.xar import XAR_PRESETS, cluster_order
@@ -72,53 +72,24 @@ def official_family(preset: str, shape=(16, 16, 16), options: dict | None = None
     return get_family("xar")(ModelSpec("xar", preset, shape, 1000, options or {}))
 
 
-def meta_build(family) -> nn.Module:
-    with torch.device("meta"):  # up to 1.19B parameters: shapes only
-        return family.build()
-
-
-def meta_state(layout: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
-    return {k: torch.empty(s, device="meta") for k, s in layout.items()}
-
-
 def tiny(options: dict | None = None, shape=(1, 28, 28)):
     return get_family("xar")(ModelSpec("xar", "xar-tiny", shape, 10, options or {}))
-
-
-def randomised(family, scale: float = 0.05) -> nn.Module:
-    torch.manual_seed(0)
-    net = family.build().eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return net
 
 
 # -- the official layout -------------------------------------------------------------------------
 
 
 def test_model_module_imports_no_distributed_stack():
-    code = ("import sys, neon_ray.models.xar;"
-            "bad=[m for m in ('ray','deepspeed','mlflow','diffusers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert_imports_no_distributed_stack("neon_ray.models.xar")
 
 
 @pytest.mark.parametrize("preset", sorted(OFFICIAL))
 def test_official_state_dict_layout_and_parameter_count(preset):
     width, enc, dec, heads, n_params = OFFICIAL[preset]
-    family = official_family(preset)
-    net = meta_build(family)
-    layout = official_xar_layout(width, enc, dec, heads)
-    mine = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    assert sorted(set(layout) - set(mine)) == [] and sorted(set(mine) - set(layout)) == []
-    assert {k: s for k, s in mine.items() if layout[k] != s} == {}
-    family.load_state_dict(net, meta_state(layout), f"{preset}.pth")  # strict: every key, every shape
     # Parameters vs buffers as released (the EMA checkpoints hold both; only parameters count).
-    counted = sum(p.numel() for p in net.parameters())
-    assert counted == n_params == sum(math.prod(s) for k, s in layout.items() if not k.endswith(PARAMETER_BUFFERS))
+    counted = check_official_layout(official_family(preset), official_xar_layout(width, enc, dec, heads), n_params,
+                                    PARAMETER_BUFFERS, f"{preset}.pth")
     assert counted == pytest.approx(PAPER_SIZES[preset], rel=0.02)
-    assert {k for k, _ in net.named_buffers()} == {k for k in layout if k.endswith(PARAMETER_BUFFERS)}
 
 
 def test_official_hidden_sizes_and_presets():
@@ -139,13 +110,7 @@ def test_tampered_state_dict_names_the_key_in_one_line():
         "wrong shapes [decoder_blocks.7.mlp.fc2.weight (768, 2047)≠(768, 2048)]": lambda d: d.__setitem__("decoder_blocks.7.mlp.fc2.weight", (768, 2047)),
         "missing keys [mask]": lambda d: d.pop("mask"),
     }
-    for expected, tamper in cases.items():
-        bad = dict(layout)
-        tamper(bad)
-        with pytest.raises(NeonError) as err:
-            family.load_state_dict(net, meta_state(bad), "xAR-B.pth")
-        msg = str(err.value)
-        assert msg.startswith("checkpoint xAR-B.pth does not fit the model: ") and expected in msg and "\n" not in msg, msg
+    assert_tampering_is_one_line(family, net, layout, cases, "xAR-B.pth")
 
 
 def test_checkpoint_of_another_size_or_token_layout_says_which():
@@ -434,7 +399,8 @@ def test_gpu_throughput_benchmark_runs_on_cpu_at_tiny_sizes():
                           "--feature-batch", "2"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
-    assert [(r[0], r[2]) for r in rows if "tiny" in r[0]] == [("dit-tiny", "fp32"), ("dit-tiny", "bf16"), ("xar-tiny", "fp32"), ("xar-tiny", "bf16")]
+    assert [(r[0], r[2]) for r in rows if "tiny" in r[0]] == [("dit-tiny", "fp32"), ("dit-tiny", "bf16"), ("xar-tiny", "fp32"), ("xar-tiny", "bf16"),
+                                                          ("var-tiny", "fp32"), ("var-tiny", "bf16")]
     assert all(float(r[3]) > 0 for r in rows if "tiny" in r[0])
     assert {r[0] for r in rows if len(r) == 3 and r[0] != "FID features"} == {"inception-fid-helper", "fmnist-classifier"}
 
