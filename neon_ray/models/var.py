@@ -40,7 +40,7 @@ from torch import nn
 from ..errors import ConfigError, NeonError
 from .autoregressive import filter_logits, inverse_cdf
 from .base import ModelFamily, ModelSpec, SamplerSettings
-from .checkpoint import _abbrev, check_state_dict
+from .base import _abbrev, check_state_dict
 from .dit import run_block
 from .registry import register_family
 from .var_vqvae import TOKENIZERS, VQVAE, VQConfig
@@ -413,7 +413,7 @@ class VARFamily(ModelFamily):
     @torch.no_grad()
     def sample_tokens(self, net, labels, seeds, settings) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(f̂ (B, Cvae, pn_K, pn_K), the token maps r_1 … r_K each (B, pn_k²)), map after map. Sample i draws from seeds[i] only."""
-        s = self.sampler_settings(settings)
+        s = self.validate_sampler(settings)
         core = getattr(net, "module", net)  # DDP/DeepSpeed wrappers keep the network in .module
         dev, b = labels.device, labels.shape[0]
         vq = self.tokenizer(dev)
