@@ -42,7 +42,7 @@ from torch import nn
 from ..errors import ConfigError, NeonError
 from .backbones import LATENT_FIELDS, DenoiserFamily
 from .base import ModelSpec, SamplerSettings
-from .dit import DiT, TimestepEmbedder
+from .dit import DiT, TimestepEmbedder, run_block
 from .guidance import classifier_free_guidance, tile
 from .registry import register_family
 from .songunet import SongUNet
@@ -66,8 +66,6 @@ class IMMDiT(DiT):
         nn.init.zeros_(self.s_embedder.mlp[2].bias)
 
     def forward(self, x: torch.Tensor, noise_t: torch.Tensor, noise_s: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        from .dit import run_block
-
         dtype = self.x_embedder.proj.weight.dtype
         x = self.x_embedder(x.to(dtype)) + self.pos_embed.to(dtype)  # (B, T, D)
         c = self.t_embedder(noise_t) + self.s_embedder(noise_s) + self.y_embedder(y)  # (B, D)
@@ -100,7 +98,7 @@ class IMMNet(nn.Module):
         return self.model(c_in[:, None, None, None] * x.float(), (t * self.time_scale).float(), (second * self.time_scale).float(), y)
 
     def step(self, x: torch.Tensor, out: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """f from the backbone output `out` (affine in `out`, so CFG on F equals CFG on f)."""
+        """f from the backbone output `out`."""
         x, out = x.float(), out.float()
         t4, s4 = t.float()[:, None, None, None], s.float()[:, None, None, None]
         if self.f_type == "euler_fm":
@@ -294,13 +292,13 @@ class IMMFamily(DenoiserFamily):
         return t_of((hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho).tolist()
 
     def _jump(self, net, x, t: float, s: float, labels, guidance: float) -> torch.Tensor:
-        core = getattr(net, "module", net)
+        """x_s = f(x_t, t, s) with CFG. f is affine in F with label-free coefficients, so guiding f, as here (both label
+        sets in one forward), is the official guidance of F: f_u + γ(f_c − f_u) = c_skip·x + c_out·(F_u + γ(F_c − F_u))."""
         tt, ss = torch.full((x.shape[0],), t, device=x.device), torch.full((x.shape[0],), s, device=x.device)
         if not self.conditional:
             return net(x, tt, ss, labels).float()
-        out = classifier_free_guidance(lambda y, k: core.raw(tile(x, k), tile(tt, k), tile(ss, k), y).float(), labels,
-                                       self.spec.num_classes, guidance)[0]
-        return core.step(x, out, tt, ss)
+        return classifier_free_guidance(lambda y, k: net(tile(x, k), tile(tt, k), tile(ss, k), y).float(), labels,
+                                        self.spec.num_classes, guidance)[0]
 
     @torch.no_grad()
     def sample(self, net, labels, seeds, settings):
