@@ -17,8 +17,8 @@ Objective (the IMM loss as in the Neon authors' `imm/training/loss.py`; IMM pape
 - x_t and x_r share the noise (DDIM interpolation); the student f_θ(x_t, t, s) sees labels dropped
   with p = 0.1, the stop-gradient teacher f_θ(x_r, r, s) the true labels, both the same dropout mask;
 - MMD² over the group with the Laplace kernel k(a, b) = exp(−w(t, s)·‖a − b‖₂ / D) (D: elements per
-  image), w = 1/(σ_d|t − s|) for euler_fm (σ_tσ_d⁻¹/|α_sσ_t − α_tσ_s|·√(α_t² + σ_t²)/σ_t for simple_edm),
-  both V-statistics (diagonal included) as in the reference;
+  image), w = 1/(σ_d|t − s|) for euler_fm and √(α_t² + σ_t²)/(σ_d|α_sσ_t − α_tσ_s|) for simple_edm;
+  the three kernel means are V-statistics (diagonal included) as in the reference;
 - weighted by w_out(t) = α_t^a/(α_t² + σ_t²) · ½·(−dλ/dt) · sigmoid(b − λ_t), λ = log-SNR
   (defaults a = 2, b = 4, k = 12, M = 4, min_tr_gap 1e-4: the Neon fine-tune config `im256.yaml`).
 
@@ -136,18 +136,20 @@ _SD_VAE_STATS = dict(latent_mean=(0.86488, -0.27787343, 0.21616915, 0.3738409), 
                      vae_scaling_factor=1.0, vae_shift_factor=0.0)
 
 IMM_PRESETS: dict[str, dict[str, Any]] = {
-    # ImageNet 256² on 4×32×32 SD-VAE latents: DiT-XL/2 + s-embedder, 676.7M. Official FID (CFG 1.5): 1 step 7.77,
-    # 2: 5.33, 4: 2.42, 8: 1.99 (Neon: 1.46 at w = 3.6, γ = 1.8).
-    "IMM-DiT-XL/2-im256": dict(backbone="dit", depth=28, width=1152, heads=16, patch=2, native=((4, 32, 32), 1000), **_IM256,
+    # ImageNet 256² on 4×32×32 SD-VAE latents: DiT-XL/2 + s-embedder, 676.7M. FID 1.99 at 8 steps, CFG 1.5 (paper);
+    # Neon 1.46 at w = 3.6, γ = 1.8.
+    "IMM-DiT-XL/2-im256": dict(backbone="dit", depth=28, width=1152, heads=16, patch=2, **_IM256,
                                **_LOSS, **_SD_VAE_STATS),
-    # CIFAR-10 32² unconditional DDPM++ (EDM's SongUNet) + s-embedding, 56.1M; official FID 1 step 3.20, 2 steps 1.98.
+    # CIFAR-10 32² unconditional DDPM++ (EDM's SongUNet) + s-embedding, 56.1M; FID 1.98 at 2 steps (paper).
     "IMM-SongUNet-cifar10": dict(backbone="songunet", model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
-                                 dropout=0.2, conditional=False, native=((3, 32, 32), 0), **_CIFAR, **{**_LOSS, "kernel_a": 1.0, "k": 15}),
+                                 dropout=0.2, conditional=False, **_CIFAR, **{**_LOSS, "kernel_a": 1.0, "k": 15}),
     # CPU sizes (Fashion-MNIST 28×28, class-conditional, ImageNet's euler_fm / stride settings).
     "imm-tiny": dict(backbone="dit", depth=2, width=64, heads=2, patch=4, **_IM256, **_LOSS),
     "imm-fmnist": dict(backbone="songunet", model_channels=32, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(7,), dropout=0.0,
                        conditional=True, **_IM256, **_LOSS),
 }
+# The data each official preset was trained on: (C, H, W), classes (0: unconditional). Named when a checkpoint fits it.
+NATIVE_DATA = {"IMM-DiT-XL/2-im256": ((4, 32, 32), 1000), "IMM-SongUNet-cifar10": ((3, 32, 32), 0)}
 IMM_FIELDS = {"f_type", "temb_type", "sigma_data", "T", "eps", "group_size", "kernel_a", "kernel_b", "k", "min_tr_gap", "dropout",
               "latent_mean", "latent_std"}
 
@@ -324,7 +326,7 @@ class IMMFamily(DenoiserFamily):
         """Which IMM preset (at this run's data shape and classes, or the preset's own) has exactly these keys and shapes."""
         want = {k: tuple(v.shape) for k, v in state_dict.items()}
         for name, h in self.presets.items():
-            native = h.get("native")
+            native = NATIVE_DATA.get(name)
             for shape, classes in [(self.data_shape, self.spec.num_classes)] + ([tuple(native)] if native else []):
                 try:
                     with torch.device("meta"):
