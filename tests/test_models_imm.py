@@ -454,3 +454,94 @@ def test_unreadable_or_foreign_files_are_one_line(tmp_path):
     plain.write_bytes(pickle.dumps({"net": 1}))
     with pytest.raises(NeonError, match=r"^plain\.pkl: no 'ema' entry \(has \['net'\]\)"):
         edm_state_dict(str(plain))
+
+
+def test_official_latent_statistics_normalise_each_channel(tmp_path):
+    """z = (E(x) − raw_mean)·(0.5/raw_std) per channel, as the release's StabilityVAEEncoder; decode inverts it."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                  block_out_channels=(8, 8, 8), layers_per_block=1, latent_channels=4, norm_num_groups=4, sample_size=32,
+                  mid_block_add_attention=False).save_pretrained(tmp_path / "vae", safe_serialization=True)
+    mean, std = [0.1, 0.2, -0.3, 0.4], [2.0, 4.0, 1.0, 0.5]
+    fam = family("imm-tiny", (3, 32, 32), 10, {"vae": str(tmp_path / "vae"), "patch": 2, "latent_mean": mean, "latent_std": std,
+                                               "vae_scaling_factor": 1.0})
+    assert fam.data_shape == (4, 8, 8)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    z = fam.to_data(images, torch.Generator().manual_seed(0))
+    raw = fam.latent.encode(images, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(z, (raw - torch.tensor(mean)[:, None, None]) * (0.5 / torch.tensor(std))[:, None, None])
+    decoded = fam.latent.decode(raw)
+    torch.testing.assert_close(fam.to_images(z), decoded, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ConfigError, match=r"^model\.options\.latent_std: 3 channel statistics for a 4-channel VAE"):
+        family("imm-tiny", (3, 32, 32), 10, {"vae": str(tmp_path / "vae"), "patch": 2, "latent_mean": mean[:3], "latent_std": std[:3]})
+
+
+def reference_songunet(sd: dict[str, torch.Tensor], x, noise_t, noise_s, mc: int, res: int, mult, blocks: int, attn) -> torch.Tensor:
+    """The official SongUNet forward written out functionally from lumalabs/imm training/unets.py (DDPM++, standard
+    encoder/decoder, no labels): nearest-neighbour up / 2×2 mean down, q/k/v interleaved per channel, √½ skips."""
+    import torch.nn.functional as F
+
+    def lin(n, v):
+        return v @ sd[n + ".weight"].t() + sd[n + ".bias"]
+
+    def conv(n, v):
+        w = sd[n + ".weight"]
+        return F.conv2d(v, w, sd[n + ".bias"], padding=w.shape[-1] // 2)
+
+    def gn(n, v):
+        return F.group_norm(v, min(32, v.shape[1] // 4), sd[n + ".weight"], sd[n + ".bias"], eps=1e-6)
+
+    def pos(v):  # [cos, sin] with endpoint frequencies, then the official swap to [sin, cos]
+        f = (1 / 10000) ** (torch.arange(mc // 2, dtype=torch.float64) / (mc // 2 - 1))
+        a = v.double()[:, None] * f
+        return torch.cat([a.sin(), a.cos()], 1).float()
+
+    def block(n, v, emb, up=False, down=False, attention=False):
+        resample = (lambda u: u.repeat_interleave(2, 2).repeat_interleave(2, 3)) if up else (lambda u: F.avg_pool2d(u, 2)) if down else (lambda u: u)
+        h = conv(n + ".conv0", resample(F.silu(gn(n + ".norm0", v))))
+        h = F.silu(gn(n + ".norm1", h + lin(n + ".affine", emb)[:, :, None, None]))
+        h = conv(n + ".conv1", h)
+        skip = conv(n + ".skip", resample(v)) if n + ".skip.weight" in sd else v
+        h = (h + skip) / math.sqrt(2)
+        if attention:
+            qkv = conv(n + ".qkv", gn(n + ".norm2", h)).flatten(2)  # (B, 3C, HW), channel 3i + j = part j of channel i
+            q, k, v_ = (qkv[:, j::3].transpose(1, 2)[:, None] for j in range(3))  # (B, 1, HW, C)
+            a = F.scaled_dot_product_attention(q, k, v_)[:, 0].transpose(1, 2).reshape(h.shape)
+            h = (conv(n + ".proj", a) + h) / math.sqrt(2)
+        return h
+
+    emb = lin("map_layer1", F.silu(lin("map_layer0", pos(noise_t))))
+    emb = F.silu(emb + lin("map_layer1_s", F.silu(lin("map_layer0_s", pos(noise_s)))))
+    skips, h = [], conv(f"enc.{res}x{res}_conv", x)
+    skips.append(h)
+    for level, m in enumerate(mult):
+        r = res >> level
+        if level:
+            h = block(f"enc.{r}x{r}_down", h, emb, down=True)
+            skips.append(h)
+        for i in range(blocks):
+            h = block(f"enc.{r}x{r}_block{i}", h, emb, attention=r in attn)
+            skips.append(h)
+    for level, m in reversed(list(enumerate(mult))):
+        r = res >> level
+        if level == len(mult) - 1:
+            h = block(f"dec.{r}x{r}_in1", block(f"dec.{r}x{r}_in0", h, emb, attention=True), emb)
+        else:
+            h = block(f"dec.{r}x{r}_up", h, emb, up=True)
+        for i in range(blocks + 1):
+            h = block(f"dec.{r}x{r}_block{i}", torch.cat([h, skips.pop()], 1), emb, attention=i == blocks and r in attn)
+    return conv(f"dec.{res}x{res}_aux_conv", F.silu(gn(f"dec.{res}x{res}_aux_norm", h)))
+
+
+def test_songunet_matches_the_official_forward_written_out():
+    opts = dict(model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4])
+    fam = family("IMM-SongUNet-cifar10", (3, 8, 8), 10, opts)
+    net = randomised(fam, scale=0.2)
+    x, t, s = torch.randn(2, 3, 8, 8), torch.tensor([0.9, 0.4]), torch.tensor([0.3, 0.1])
+    sd = {k.removeprefix("model."): v for k, v in net.state_dict().items()}
+    with torch.no_grad():
+        ours = net.model(x, 1000 * t, 1000 * s, torch.tensor([0, 0]))
+        ref = reference_songunet(sd, x, 1000 * t, 1000 * s, 16, 8, (1, 2), 1, (4,))
+    torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
