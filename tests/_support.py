@@ -108,3 +108,22 @@ def dependencies_python() -> str:
             if found and (python := Path(found.group(2)).parents[2] / "bin" / "python").exists():
                 return str(python)
     return sys.executable
+
+
+def assert_imports_without(modules: list[str], forbidden=("ray", "deepspeed", "mlflow", "diffusers")) -> None:
+    """Importing `modules` in a fresh interpreter loads none of `forbidden` (model math stays apart from Ray & co.)."""
+    code = (f"import sys, {', '.join(modules)}; bad=[m for m in {tuple(forbidden)!r} if m in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def assert_each_sample_depends_only_on_its_seed(family, net, settings, labels, seeds, other_seeds, atol: float = 1e-5):
+    """Sampling a batch equals sampling its rows one at a time, and other seeds give other samples. Returns the batch."""
+    import torch
+
+    together = family.sample(net, labels, seeds, settings)
+    alone = torch.cat([family.sample(net, labels[i : i + 1], seeds[i : i + 1], settings) for i in range(len(seeds))])
+    torch.testing.assert_close(together, alone, atol=atol, rtol=atol)
+    assert not torch.allclose(together, family.sample(net, labels, other_seeds, settings))
+    return together

@@ -5,7 +5,6 @@ from __future__ import annotations
 import collections
 import math
 import pickle
-import subprocess
 import sys
 import types
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from _support import assert_each_sample_depends_only_on_its_seed, assert_imports_without
 from neon_ray.errors import ConfigError, NeonError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.edm_pickle import convert_edm_pickle, edm_state_dict, read_edm_pickle
@@ -129,10 +129,7 @@ OFFICIAL = {  # preset → (data shape, classes, layout, parameters as the offic
 
 
 def test_model_modules_import_no_distributed_stack():
-    code = ("import sys, neon_ray.models.imm, neon_ray.models.edm_pickle;"
-            "bad=[m for m in ('ray','deepspeed','mlflow','diffusers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert_imports_without(["neon_ray.models.imm", "neon_ray.models.edm_pickle"])
 
 
 @pytest.mark.parametrize("preset", sorted(OFFICIAL))
@@ -276,13 +273,9 @@ def test_each_sample_depends_only_on_its_seed(steps):
     fam = family()
     net = randomised(fam)
     s = fam.sampler_schema.model_validate({"steps": steps, "guidance": 1.5})
-    seeds = sample_seeds(0, "eval", range(4))
     labels = torch.from_numpy(balanced_labels(range(4), 10))
-    together = fam.sample(net, labels, seeds, s)
-    alone = torch.cat([fam.sample(net, labels[i : i + 1], seeds[i : i + 1], s) for i in range(4)])
-    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-5)
+    together = assert_each_sample_depends_only_on_its_seed(fam, net, s, labels, sample_seeds(0, "eval", range(4)), sample_seeds(1, "eval", range(4)))
     assert together.shape == (4, *FMNIST) and together.abs().max() <= 1
-    assert not torch.allclose(together, fam.sample(net, labels, sample_seeds(1, "eval", range(4)), s))
 
 
 def test_cfg_batches_both_halves_and_equals_the_guided_pushforward():
@@ -545,3 +538,12 @@ def test_songunet_matches_the_official_forward_written_out():
         ours = net.model(x, 1000 * t, 1000 * s, torch.tensor([0, 0]))
         ref = reference_songunet(sd, x, 1000 * t, 1000 * s, 16, 8, (1, 2), 1, (4,))
     torch.testing.assert_close(ours, ref, atol=1e-4, rtol=1e-4)
+
+
+def test_a_pkl_checkpoint_points_to_the_converter(tmp_path):
+    from neon_ray.models.checkpoint import load_checkpoint
+
+    src = tmp_path / "imagenet256_ts_a2.pkl"
+    src.write_bytes(pickle.dumps({"ema": None}))
+    with pytest.raises(NeonError, match=r"never unpickles checkpoints; .*`neon-ray convert .*imagenet256_ts_a2\.pkl OUT\.safetensors`"):
+        load_checkpoint(str(src))
