@@ -353,18 +353,22 @@ def _persist(module: nn.Module):
 @pytest.fixture
 def fake_edm_modules(monkeypatch):
     """`torch_utils.persistence` and `dnnlib.util` importable while the test pickle is written (as in the release's process)."""
-    tu, per, dn, util = (types.ModuleType(n) for n in ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util"))
+    names = ("torch_utils", "torch_utils.persistence", "dnnlib", "dnnlib.util", "omegaconf", "omegaconf.listconfig")
+    tu, per, dn, util, oc, lc = (types.ModuleType(n) for n in names)
     _reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
     per._reconstruct_persistent_obj = _reconstruct_persistent_obj
-    easy = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
-    util.EasyDict = easy
-    for name, mod in (("torch_utils", tu), ("torch_utils.persistence", per), ("dnnlib", dn), ("dnnlib.util", util)):
+    util.EasyDict = type("EasyDict", (dict,), {"__module__": "dnnlib.util"})
+    # The release's constructor arguments came from a hydra config: omegaconf containers, pickled with their state.
+    lc.ListConfig = type("ListConfig", (), {"__module__": "omegaconf.listconfig", "__init__": lambda self, v: setattr(self, "_content", v)})
+    for name, mod in zip(names, (tu, per, dn, util, oc, lc)):
         monkeypatch.setitem(sys.modules, name, mod)
-    return easy
+    return types.SimpleNamespace(EasyDict=util.EasyDict, ListConfig=lc.ListConfig)
 
 
-def _release_dict(net, easy):
-    return dict(ema=_persist(net), augment_pipe=None, dataset_kwargs=easy(path="imagenet.zip", use_labels=True))
+def _release_dict(net, fake):
+    ema = _persist(net)
+    ema.state["_init_kwargs"] = {"channel_mult": fake.ListConfig([2, 2, 2]), "mixed_precision": torch.float32}
+    return dict(ema=ema, augment_pipe=None, dataset_kwargs=fake.EasyDict(path="imagenet.zip", use_labels=True))
 
 
 @pytest.mark.parametrize("writer", ["pickle", "torch.save"])
@@ -390,6 +394,8 @@ def test_converter_reads_an_edm_pickle_into_the_strict_state_dict(tmp_path, fake
     raw = read_edm_pickle(str(src))
     assert raw["ema"].class_name == "IMMNet" and "os.system" in raw["ema"].module_src  # kept as text, never run
     assert raw["dataset_kwargs"].entries == {"path": "imagenet.zip", "use_labels": True}
+    kwargs = raw["ema"].state["_init_kwargs"]
+    assert kwargs["channel_mult"].state == {"_content": [2, 2, 2]} and kwargs["mixed_precision"] is torch.float32
 
 
 def test_convert_command_line(tmp_path, fake_edm_modules, capsys):
