@@ -211,6 +211,32 @@ def test_second_time_input_follows_temb_type():
     torch.testing.assert_close(seen[-1], torch.tensor([250.0]))  # identity: 1000·s
 
 
+def test_the_dit_backbone_is_dit_plus_a_second_time_embedding():
+    """With the s-embedder's output layer at zero, the IMM DiT is the plain DiT (test_models_dit checks that against the
+    official forward) on the same weights: s enters only through the conditioning sum t_emb + s_emb + y_emb."""
+    from neon_ray.models.dit import DiT
+
+    net = randomised(family()).model
+    plain = DiT(input_size=(28, 28), in_channels=1, num_classes=10, depth=2, width=64, heads=2, patch=4)
+    plain.load_state_dict({k: v for k, v in net.state_dict().items() if not k.startswith("s_embedder")})
+    x, nt, ns, y = torch.randn(2, *FMNIST), torch.tensor([900.0, 10.0]), torch.tensor([300.0, 5.0]), torch.tensor([3, 10])
+    with torch.no_grad():
+        assert not torch.allclose(net(x, nt, ns, y), plain(x, nt, y))
+        net.s_embedder.mlp[2].weight.zero_()
+        net.s_embedder.mlp[2].bias.zero_()
+        torch.testing.assert_close(net(x, nt, ns, y), plain(x, nt, y))
+
+
+def test_activation_checkpointing_on_the_dit_only():
+    fam = family()
+    net = fam.build()
+    fam.enable_activation_checkpointing(net)
+    assert net.model.activation_checkpointing
+    unet_fam = family("imm-fmnist")
+    with pytest.raises(ConfigError, match=r"^finetune\.activation_checkpointing: the imm network IMMNet \(imm-fmnist\) has no block stack"):
+        unet_fam.enable_activation_checkpointing(unet_fam.build())
+
+
 # -- objective -----------------------------------------------------------------------------------
 
 
