@@ -579,3 +579,14 @@ def test_a_pkl_checkpoint_points_to_the_converter(tmp_path):
     src.write_bytes(pickle.dumps({"ema": None}))
     with pytest.raises(NeonError, match=r"never unpickles checkpoints; .*`neon-ray convert .*imagenet256_ts_a2\.pkl OUT\.safetensors`"):
         load_checkpoint(str(src))
+
+
+def test_fmnist_preset_runs_the_unet_on_pixel_patches():
+    fam = family("imm-fmnist")
+    net = randomised(fam)
+    assert net.model.enc["14x14_conv"].weight.shape == (64, 4, 3, 3)  # 1×28×28 seen as 4×14×14
+    x = torch.randn(2, *FMNIST)
+    out = net(x, torch.tensor([0.9, 0.5]), torch.tensor([0.1, 0.2]), torch.tensor([3, 10]))
+    assert out.shape == (2, *FMNIST) and sum(p.numel() for p in net.parameters()) == pytest.approx(1.3e6, rel=0.05)
+    with pytest.raises(ConfigError, match=r"^model\.options\.pixel_patch: 3 does not divide the 28×28 inputs"):
+        family("imm-fmnist", options={"pixel_patch": 3}).build()
