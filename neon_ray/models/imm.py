@@ -11,7 +11,7 @@ Network (official lumalabs/imm `IMMPrecond`, flow-matching schedule x_t = (1 −
 - the backbone is a DiT with a second timestep embedder `s_embedder` (ImageNet 256², SD-VAE latents)
   or the DDPM++ U-Net (songunet.py). Keys carry the official `model.` prefix.
 
-Objective (the IMM loss as in the Neon authors' `imm/training/loss.py`; IMM paper Eq. 12 and App. C):
+Objective (the IMM loss as in the Neon authors' `imm/training/loss.py`, the official repository having none):
 - per group of M images: t ~ U[ε, T], s ~ U[ε, t], and r from η_r = η_t − (η_max − η_min)/2^k with
   η = t/(1 − t) (the "constant decrement in η" mapping), r ≤ t − min_tr_gap, s ≤ r;
 - x_t and x_r share the noise (DDIM interpolation); the student f_θ(x_t, t, s) sees labels dropped
@@ -31,7 +31,6 @@ the sampler are ours, written from the paper and the official code's equations.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Literal
 
 import torch
