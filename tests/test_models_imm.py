@@ -590,3 +590,15 @@ def test_fmnist_preset_runs_the_unet_on_pixel_patches():
     assert out.shape == (2, *FMNIST) and sum(p.numel() for p in net.parameters()) == pytest.approx(1.3e6, rel=0.05)
     with pytest.raises(ConfigError, match=r"^model\.options\.pixel_patch: 3 does not divide the 28×28 inputs"):
         family("imm-fmnist", options={"pixel_patch": 3}).build()
+
+
+@pytest.mark.parametrize("preset", ["imm-tiny", "imm-fmnist"])
+def test_loss_on_bf16_weights_as_deepspeed_feeds_them(preset):
+    fam = family(preset)
+    torch.manual_seed(0)
+    net = fam.build().to(torch.bfloat16)
+    x = (torch.rand(4, *FMNIST) * 2 - 1).to(torch.bfloat16)
+    loss = fam.training_loss(net, x, torch.arange(4), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    assert any(p.grad is not None and p.grad.float().abs().sum() > 0 for p in net.parameters())
