@@ -104,7 +104,8 @@ class _StorageType:
 
 
 def _load_storage_bytes(data: bytes) -> Any:
-    return torch.load(io.BytesIO(data), weights_only=True)  # torch's own allow-listing unpickler
+    # torch's own allow-listing unpickler; a storage saved on a GPU is read into CPU memory
+    return torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
 
 
 def _reconstructor(cls: Any, base: Any, state: Any) -> Any:  # copyreg._reconstructor, protocols 0/1
