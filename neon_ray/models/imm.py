@@ -146,7 +146,7 @@ IMM_PRESETS: dict[str, dict[str, Any]] = {
                                **_LOSS, **_SD_VAE_STATS),
     # CIFAR-10 32² unconditional DDPM++ (EDM's SongUNet) + s-embedding, 56.1M; FID 1.98 at 2 steps (paper).
     "IMM-SongUNet-cifar10": dict(backbone="songunet", model_channels=128, channel_mult=(2, 2, 2), num_blocks=4, attn_resolutions=(16,),
-                                 dropout=0.2, conditional=False, **_CIFAR, **{**_LOSS, "kernel_a": 1.0, "k": 15}),
+                                 dropout=0.2, conditional=False, **_CIFAR, **{**_LOSS, "kernel_a": 1.0, "k": 15, "min_tr_gap": None}),
     # CPU sizes (Fashion-MNIST 28×28, class-conditional, ImageNet's euler_fm / stride settings).
     "imm-tiny": dict(backbone="dit", depth=2, width=64, heads=2, patch=4, **_IM256, **_LOSS),
     # 1.3M DDPM++ on 2×2 pixel patches (4×14×14): a training step costs what fewstep-fmnist's does (~0.9 s CPU at batch 64).
