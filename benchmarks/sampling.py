@@ -11,12 +11,12 @@ conditional and unconditional rows batched into one forward) and network forward
 network per second, both CFG halves counted), in fp32 and under bf16 autocast. Samplers: diffusion
 DDIM, edm Heun (NFE = 2·steps − 1), flow Heun (NFE = 2·steps), autoregressive top-p 0.95 with a KV
 cache (NFE = one single-token forward per token: 784 on Fashion-MNIST), fewstep consistency sampling in
-1, 2, 4 and 8 steps, xar Euler per cluster (NFE = clusters · steps, plus one context pass per
-cluster after the first), var next-scale sampling with top-k 900 and top-p 0.95 (NFE = one forward per scale,
-the VQ-VAE decode included; VAR-* presets on a randomly initialised vae_ch160v4096z32 unless it is given),
-toy-ddpm 20 ancestral steps on 2-D points. Without --presets each family runs its
+1, 2, 4 and 8 steps, imm pushforward in 8, 4, 2 and 1 steps, xar Euler per cluster (NFE = clusters · steps, plus
+one context pass per cluster after the first), var next-scale sampling with top-k 900 and top-p 0.95 (NFE = one
+forward per scale, the VQ-VAE decode included; VAR-* presets on a randomly initialised vae_ch160v4096z32 unless it
+is given), toy-ddpm 20 ancestral steps on 2-D points. Without --presets each family runs its
 Fashion-MNIST-sized presets; DiT-* presets run on 4×32×32 latents with 1000 classes (DiT-XL/2 at 256²,
-the VAE excluded). On CUDA, DiT-XL/2 is compared with the measured H100 ceiling: 1962 forwards/s
+the VAE excluded; IMM-DiT-XL/2-im256 likewise). On CUDA, DiT-XL/2 is compared with the measured H100 ceiling: 1962 forwards/s
 (bf16, compiled, batch 256; /work/shared/gpu/README.md).
 """
 
@@ -36,7 +36,8 @@ from neon_ray.runtime.seeds import sample_seeds
 H100_DIT_XL2_CEILING = 1962.0  # forwards/s of a DiT-XL/2-sized stack, bf16 + torch.compile, batch 256
 DENOISER_PRESETS = ["unet-p2s", "dit-tiny", "dit-fmnist-cpu"]
 DEFAULT_PRESETS = {"diffusion": DENOISER_PRESETS, "edm": DENOISER_PRESETS, "flow": DENOISER_PRESETS,
-                   "autoregressive": ["ar-fmnist"], "fewstep": ["fewstep-fmnist"], "xar": ["xar-tiny", "xar-fmnist-cpu"], "var": ["var-tiny", "var-fmnist-cpu"],
+                   "autoregressive": ["ar-fmnist"], "fewstep": ["fewstep-fmnist"], "xar": ["xar-tiny", "xar-fmnist-cpu"],
+                   "var": ["var-tiny", "var-fmnist-cpu"], "imm": ["imm-fmnist"],
                    "toy-ddpm": ["mlp-paper"]}
 
 
@@ -54,6 +55,8 @@ def sampler_runs(family: str, steps: int) -> list[dict]:
         return [dict(name="euler", steps=steps, guidance=2.0)]  # steps per cluster
     if family == "var":
         return [dict(guidance=2.0, top_k=900, top_p=0.95)]  # one forward per scale (steps do not apply)
+    if family == "imm":
+        return [dict(steps=k, guidance=2.0) for k in (8, 4, 2, 1)]  # pushforward; 8 steps (Neon's IMM setting) first
     if family == "toy-ddpm":
         return [dict(name="ancestral", steps=20)]
     raise SystemExit(f"--families: no benchmark settings for {family!r}")
@@ -89,6 +92,10 @@ class Counting(nn.Module):
 def spec_for(family: str, preset: str) -> ModelSpec:
     if preset.startswith("DiT-"):
         return ModelSpec(family, preset, (4, 32, 32), 1000)  # ImageNet-256 latents
+    if preset.startswith("IMM-DiT-"):
+        return ModelSpec(family, preset, (4, 32, 32), 1000)  # ImageNet-256 SD-VAE latents
+    if preset.startswith("IMM-SongUNet-"):
+        return ModelSpec(family, preset, (3, 32, 32), 10)  # CIFAR-10 pixels (unconditional)
     if preset.startswith("xAR-"):
         return ModelSpec(family, preset, (16, 16, 16), 1000)  # ImageNet-256 KL-16 latents
     if preset.startswith("VAR-"):

@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object (one line, the last line of stdout)")
     p.add_argument("--ui", action="store_true", help="start the MLflow UI (loopback) on a local copy of the run's MLflow store")
     p.add_argument("--port", type=int, default=5000, help="port of --ui (default 5000)")
+    p = sub.add_parser("convert", help="read the tensors of an EDM/IMM network pickle (without running it) into safetensors")
+    p.add_argument("source", help="the official .pkl (e.g. lumalabs/imm imagenet256_ts_a2.pkl)")
+    p.add_argument("out", help="the safetensors file to write (then: model.checkpoint)")
+    p.add_argument("--entry", default="ema", help="which entry of the pickled dict holds the network (default: ema)")
     p = sub.add_parser("show-config", help="print the resolved config as YAML")
     _add_common(p)
     sub.add_parser("configs", help="list the shipped configs (`neon-ray run NAME` runs one from any folder)")
@@ -140,6 +144,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     from .config import load_config, to_yaml
     from .storage import ensure_writable
 
+    if args.command == "convert":
+        from .models.edm_pickle import convert_edm_pickle
+
+        tensors = convert_edm_pickle(args.source, args.out, args.entry)
+        print(f"{args.out}: {len(tensors)} tensors, {sum(t.numel() for t in tensors.values()) / 1e6:.2f}M values from {args.source}[{args.entry!r}]")
+        return 0
     if args.command == "families":
         print(describe_families(args.family))
         return 0

@@ -138,9 +138,9 @@ def randomised(family, scale: float = 0.05):
     return net
 
 
-def assert_imports_no_distributed_stack(module: str) -> None:
-    """`module` imported in a fresh interpreter loads none of ray, deepspeed, mlflow, diffusers (model math stays apart)."""
-    code = (f"import sys, {module};"
+def assert_imports_no_distributed_stack(*modules: str) -> None:
+    """`modules` imported in a fresh interpreter load none of ray, deepspeed, mlflow, diffusers (model math stays apart)."""
+    code = (f"import sys, {', '.join(modules)};"
             "bad=[m for m in ('ray','deepspeed','mlflow','diffusers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
@@ -177,3 +177,14 @@ def assert_tampering_is_one_line(family, net, layout: dict, cases: dict, source:
             family.load_state_dict(net, meta_state(bad), source)
         msg = str(err.value)
         assert msg.startswith(f"checkpoint {source} does not fit the model: ") and expected in msg and "\n" not in msg, msg
+
+
+def assert_each_sample_depends_only_on_its_seed(family, net, settings, labels, seeds, other_seeds, atol: float = 1e-5):
+    """Sampling a batch equals sampling its rows one at a time, and other seeds give other samples. Returns the batch."""
+    import torch
+
+    together = family.sample(net, labels, seeds, settings)
+    alone = torch.cat([family.sample(net, labels[i : i + 1], seeds[i : i + 1], settings) for i in range(len(seeds))])
+    torch.testing.assert_close(together, alone, atol=atol, rtol=atol)
+    assert not torch.allclose(together, family.sample(net, labels, other_seeds, settings))
+    return together

@@ -27,6 +27,7 @@ FAMILIES = {
     "fewstep": ("tiny_fewstep.yaml", []),
     "xar": ("tiny_xar.yaml", []),
     "var": ("tiny_var.yaml", []),
+    "imm": ("tiny_imm.yaml", []),
     "toy-ddpm": ("toy_gaussian.yaml", ["pretrain.steps=50", "data.options.n_test=5000", "evaluate.num_samples=2000",
                                        "generate.num_samples=200", "finetune.budget_images=400", "tune.w_grid=[-1, 1]"]),
     # toy-flow: its protocol and sampler are tested in test_models_toy.py; its end-to-end run was dropped to keep
@@ -35,7 +36,7 @@ FAMILIES = {
 # These start from a saved random initialisation (model.checkpoint) instead of the pretrain stage: the stage is the
 # same code for every family (its objective is the fine-tune's, run here through DeepSpeed; each family's loss is
 # tested in test_models_*), and DiT, xAR, the toy and test_e2e run it. Skipping it keeps `make test` within 40 min.
-FROM_CHECKPOINT = {"edm", "flow", "autoregressive", "fewstep", "var"}
+FROM_CHECKPOINT = {"edm", "flow", "autoregressive", "fewstep", "var", "imm"}
 
 
 def random_base(config, output, path):

@@ -400,7 +400,7 @@ def test_gpu_throughput_benchmark_runs_on_cpu_at_tiny_sizes():
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     assert [(r[0], r[2]) for r in rows if "tiny" in r[0]] == [("dit-tiny", "fp32"), ("dit-tiny", "bf16"), ("xar-tiny", "fp32"), ("xar-tiny", "bf16"),
-                                                          ("var-tiny", "fp32"), ("var-tiny", "bf16")]
+                                                          ("var-tiny", "fp32"), ("var-tiny", "bf16"), ("imm-tiny", "fp32"), ("imm-tiny", "bf16")]
     assert all(float(r[3]) > 0 for r in rows if "tiny" in r[0])
     assert {r[0] for r in rows if len(r) == 3 and r[0] != "FID features"} == {"inception-fid-helper", "fmnist-classifier"}
 

@@ -89,6 +89,10 @@ def spec_from_metadata(meta: dict[str, str], source: str) -> ModelSpec:
 def load_checkpoint(uri: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """(state_dict, metadata) from a safetensors file, or a `.pt` loaded with weights_only=True."""
     with storage.local_copy(uri, what="checkpoint") as path:
+        if path.endswith(".pkl"):
+            raise NeonError(f"checkpoint {uri} is a Python pickle, and neon-ray never unpickles checkpoints; an EDM/IMM network pickle "
+                            f"converts once, without running it, with `neon-ray convert {uri} OUT.safetensors`; then point "
+                            "model.checkpoint at OUT.safetensors")
         try:
             if path.endswith((".pt", ".pth", ".bin")):
                 # Official DiT/SiT training checkpoints also hold their argparse options: allow that one class.

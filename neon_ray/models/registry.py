@@ -20,7 +20,7 @@ def register_family(cls: type[ModelFamily]) -> type[ModelFamily]:
 def _load_builtins() -> None:
     # Always import (cached by Python): a guard such as `if not _FAMILIES` would let one family module
     # imported directly hide the others.
-    from . import autoregressive, diffusion, edm, fewstep, flow, toy, var, xar  # noqa: F401  (each registers itself)
+    from . import autoregressive, diffusion, edm, fewstep, flow, imm, toy, var, xar  # noqa: F401  (each registers itself)
 
 
 def _load_plugin(path: str, field: str) -> type[ModelFamily]:
