@@ -120,6 +120,7 @@ class FinetuneConfig(Section):
     budget_images: int = Field(20000, ge=1, description="Fine-tune length B, in images seen.")
     batch_size: int = Field(64, ge=1, description="Global batch size (micro-batch × workers × accumulation).")
     weight_decay: float = Field(0.0, ge=0)
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW's betas (a family may recommend others: VAR's are (0.9, 0.95); set here, they win).")
     grad_clip: float = Field(1.0, ge=0, description="0 disables clipping.")
     workers: int = Field(2, ge=1)
     cpus_per_worker: float = Field(0.5, gt=0)
@@ -380,6 +381,9 @@ class RunConfig(Section):
         family = registry.get_family(self.model.family, field="model.family")
         family.check_preset(self.model.preset, field="model.preset")
         family.check_options(self.model.preset, self.model.options, field="model.options")
+        for name, value in family.finetune_defaults.items():  # the family's recommended fine-tune, unless the config says
+            if name not in self.finetune.model_fields_set:
+                setattr(self.finetune, name, value)
         self.sampler = family.validate_sampler(self.sampler, field="sampler")
         fields = sorted(type(self.sampler).model_fields)
         unknown = sorted(set(self.evaluate.sampler) - set(fields))

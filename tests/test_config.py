@@ -120,3 +120,13 @@ def test_config_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
 def test_unknown_config_name_lists_the_shipped_ones(tmp_path):
     with pytest.raises(ConfigError, match=r"^config file not found: tiny_nope \(shipped configs, by name: .*\btiny\b"):
         load_config("tiny_nope", output=str(tmp_path))
+
+
+def test_a_familys_recommended_finetune_applies_unless_the_config_sets_it(tmp_path):
+    from _support import tiny_config
+
+    assert tiny_config(tmp_path).finetune.betas == (0.9, 0.999)  # torch's, for families without a recommendation
+    var = tiny_config(tmp_path, "model.family=var", "model.preset=var-tiny", "sampler={}")
+    assert var.finetune.betas == (0.9, 0.95)  # the Neon authors' VAR fine-tune
+    assert tiny_config(tmp_path, "model.family=var", "model.preset=var-tiny", "sampler={}",
+                       "finetune.betas=[0.8, 0.9]").finetune.betas == (0.8, 0.9)

@@ -96,6 +96,7 @@ def changes(tmp: Path) -> dict[str, tuple[object, frozenset[str]]]:
         "finetune.budget_images": (5000, FINETUNE),
         "finetune.batch_size": (50, FINETUNE),
         "finetune.weight_decay": (0.1, FINETUNE),
+        "finetune.betas": ((0.9, 0.95), FINETUNE),
         "finetune.grad_clip": (0.5, FINETUNE),
         "finetune.workers": (2, FINETUNE),
         "finetune.cpus_per_worker": (0.5, FINETUNE),

@@ -49,6 +49,8 @@ class ModelFamily(ABC):
     name: ClassVar[str]
     presets: ClassVar[dict[str, dict[str, Any]]]
     sampler_schema: ClassVar[type[SamplerSettings]]
+    # finetune fields this family's authors set otherwise than the config's defaults (a config that sets one wins)
+    finetune_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, spec: ModelSpec):
         self.check_preset(spec.preset, field="model.preset")

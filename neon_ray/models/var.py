@@ -340,6 +340,7 @@ class VARFamily(ModelFamily):
     name = "var"
     presets = VAR_PRESETS
     sampler_schema = VARSampler
+    finetune_defaults = {"betas": (0.9, 0.95)}  # the Neon authors' VAR fine-tune (their AdamW)
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)

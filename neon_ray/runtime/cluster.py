@@ -43,7 +43,11 @@ def ensure_ray(cfg) -> None:
         return
     # Ray's notice that token authentication is on (its default) asks nothing of the user.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-    DataContext.get_current().enable_progress_bars = env[INTERACTIVE_ENV] == "1"
+    data = DataContext.get_current()
+    data.enable_progress_bars = env[INTERACTIVE_ENV] == "1"
+    # Ray Data's high-memory detector prints a ten-line warning every 30 s while an actor holds a large extractor
+    # (the Inception network's 2.5 GiB): it advises a memory request that a small cluster could not grant.
+    data.issue_detectors_config.high_memory_detector_config.detection_time_interval_s = -1
     address = cfg.address or os.environ.get("RAY_ADDRESS")
     field = "ray.address" if cfg.address else "RAY_ADDRESS"
     if address:

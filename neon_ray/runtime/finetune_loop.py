@@ -53,7 +53,7 @@ def finetune_loop(loop_cfg: dict) -> None:
         if f.activation_checkpointing:
             family.enable_activation_checkpointing(net)
         net.train()
-        opt = torch.optim.AdamW(net.parameters(), lr=f.lr, weight_decay=f.weight_decay)
+        opt = torch.optim.AdamW(net.parameters(), lr=f.lr, betas=f.betas, weight_decay=f.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, p["warmup_steps"]))
         # DeepSpeed prints "... shm_comm_op built successfully" (a bare print) each time its comm backend starts.
         with contextlib.redirect_stdout(io.StringIO()):
