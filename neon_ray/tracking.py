@@ -577,7 +577,7 @@ class Tracker:
         if tune_run is None:
             return
         for row in rows:
-            run = self._trial_run(tune_run, row)
+            run = self._whole_trial_run(tune_run, row)
             last = max(int(n) for n in row["fid_by_n"])
             self.client.set_tag(run, "trial.status", "completed" if last >= rungs[-1] else "stopped")
             self.client.set_tag(run, "trial.rung", str(last))
@@ -590,7 +590,7 @@ class Tracker:
                  "rung": [max(int(n) for n in r["fid_by_n"]) for r in rows], "winner": [r["key"] == winner_key for r in rows]}
         self.client.log_table(tune_run, data=table, artifact_file="trials.json")
 
-    def _trial_run(self, tune_run: str, row: dict) -> str:
+    def _whole_trial_run(self, tune_run: str, row: dict) -> str:
         """The trial's run (made if missing), holding its score at every rung it reached."""
         run = self.find_child(tune_run, {"stage": "tune-trial", "trial_key": row["key"]}, unfinished=False)
         if run is None:
