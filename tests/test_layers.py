@@ -95,3 +95,19 @@ def test_no_import_circle_outside_the_registries():
                     seen.add(nxt)
                     stack.append((nxt, path + [nxt]))
     assert not circles, "import circles:\n" + "\n".join(sorted(set(circles))[:10])
+
+
+def test_no_function_or_class_is_defined_twice_in_one_scope():
+    """A second `def` of a name silently replaces the first (a helper once shadowed another method of the tracker)."""
+    twice = []
+    for module, path in modules():
+        for scope in ast.walk(ast.parse(path.read_text())):
+            if isinstance(scope, (ast.Module, ast.ClassDef)):
+                seen: set[str] = set()
+                for node in scope.body:
+                    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                        setter = any(isinstance(d, ast.Attribute) and d.attr in ("setter", "deleter") for d in node.decorator_list)
+                        if node.name in seen and not setter:
+                            twice.append(f"{module}: {getattr(scope, 'name', '<module>')}.{node.name} (line {node.lineno})")
+                        seen.add(node.name)
+    assert not twice, "defined twice:\n" + "\n".join(twice)
