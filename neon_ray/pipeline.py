@@ -1,7 +1,8 @@
 """The stage graph, and running it: `neon-ray run` and every single-stage command.
 
     pretrain ──► base ──► generate ──► finetune ──► tune
-                   │                       └──────► merge
+                   │                       ├──────► merge
+                   │                       └──────► diagnose ··► tune (with tune.prior: diagnose)
                    └────► evaluate
 
 `base` is θ_base: `model.checkpoint` when set (then pretrain is not part of the run), else the
@@ -33,7 +34,7 @@ from .errors import NeonError
 from .inputs import BASE, StageInputs, fingerprint_inputs
 from .manifest import Manifest, read_manifest
 from .runtime.checkpoints import checkpoint_identity
-from .stages import evaluate, finetune, generate, merge, pretrain, tune
+from .stages import diagnose, evaluate, finetune, generate, merge, pretrain, tune
 from .tracking import Tracker, redact
 
 log = logging.getLogger("neon_ray")
@@ -52,17 +53,24 @@ class Stage:
     def needs(self) -> tuple[str, ...]:  # dependencies: BASE or other stages
         return self.inputs.needs
 
+    def inputs_for(self, cfg: RunConfig) -> StageInputs:
+        """What the stage reads under this config: INPUTS, or the module's `inputs_for(cfg)` where what it reads
+        depends on the config (tune reads the diagnosis only with tune.prior: diagnose)."""
+        of = getattr(self.module, "inputs_for", None)
+        return of(cfg) if of is not None else self.inputs
+
 
 GRAPH: dict[str, Stage] = {s.name: s for s in (
     Stage("pretrain", pretrain), Stage("generate", generate), Stage("finetune", finetune),
-    Stage("evaluate", evaluate), Stage("tune", tune), Stage("merge", merge),
+    Stage("evaluate", evaluate), Stage("tune", tune), Stage("merge", merge), Stage("diagnose", diagnose),
 )}
-PIPELINE = ("pretrain", "generate", "finetune", "evaluate", "tune")
+PIPELINE = ("pretrain", "generate", "finetune", "diagnose", "evaluate", "tune")
 
 
 def plan(cfg: RunConfig) -> list[str]:
-    """The stages of `neon-ray run`, in order (no pretrain when a base checkpoint is given)."""
-    return [name for name in PIPELINE if name != "pretrain" or not cfg.model.checkpoint]
+    """The stages of `neon-ray run`, in order (no pretrain when a base checkpoint is given; diagnose when
+    diagnose.enabled or tune.prior: diagnose)."""
+    return [name for name in PIPELINE if (name != "pretrain" or not cfg.model.checkpoint) and (name != "diagnose" or cfg.diagnoses())]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,8 +88,9 @@ def dependency_hash(cfg: RunConfig, dependency: str, files: dict[str, str] | Non
 
 def hashes(cfg: RunConfig, name: str, files: dict[str, str] | None = None, options: dict | None = None) -> tuple[dict[str, str], str]:
     """(its upstream's hashes, its own) for stage `name`: the fingerprint of what it reads (neon_ray.inputs)."""
-    upstream = {dep: dependency_hash(cfg, dep, files) for dep in GRAPH[name].needs}
-    return upstream, fingerprint_inputs(cfg, name, GRAPH[name].inputs, upstream, options)
+    inputs = GRAPH[name].inputs_for(cfg)
+    upstream = {dep: dependency_hash(cfg, dep, files) for dep in inputs.needs}
+    return upstream, fingerprint_inputs(cfg, name, inputs, upstream, options)
 
 
 def stage_hash(cfg: RunConfig, name: str, files: dict[str, str] | None = None, options: dict | None = None) -> str:
@@ -104,7 +113,7 @@ def context(cfg: RunConfig, name: str, files: dict[str, str] | None = None, opti
     given = dict(files or {})
     upstream_hashes, config_hash = hashes(cfg, name, given, options)
     inputs, upstream = dict(given), {}
-    for dep in stage.needs:
+    for dep in stage.inputs_for(cfg).needs:
         if dep in inputs:
             continue
         if dep == BASE:

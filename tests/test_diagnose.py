@@ -1,0 +1,140 @@
+"""`neon-ray diagnose` (issue 26): the math on a tiny model where the answer is known, the stage through a real Ray
+pipeline on the tiny config, the CLI's --json contract, the bad-input lines, and the tune prior's bracket.
+
+Sign convention (the paper's, neon-method.md): a fine-tune that moved θ *up* the real-data loss (Δ = +η·g,
+the self-training direction −Δ anti-aligned with g) is one Neon undoes: sign +1 (w > 0 helps) and the paper's
+cosine cos(g, −Δ) = −1. A fine-tune that moved down it (Δ = −η·g) is one Neon would undo wrongly: sign −1, cosine +1.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from _support import ROOT, TINY, neon_ray_inprocess, tiny_config
+from neon_ray.config import load_config
+from neon_ray.diagnosis import bracket_of, diagnose
+from neon_ray.errors import NeonError
+
+TOY = ROOT / "neon_ray" / "configs" / "toy_gaussian.yaml"
+
+
+# ----------------------------------------------------------------------------------------------
+# The math: a toy DDPM on the paper's 2-D Gaussian, Δ built from its own real-data gradient
+
+
+def _toy(tmp_path):
+    from neon_ray.runtime.checkpoints import dataset_of, family_for, spec_of
+    from neon_ray.runtime.seeds import derive_seed
+
+    cfg = load_config(TOY, ["model.preset=mlp-tiny", "data.options={n_train: 100, n_test: 4000, seed: 0}"], str(tmp_path / "out"))
+    family = family_for(spec_of(cfg))
+    torch.manual_seed(0)
+    net = family.build()
+    x, _ = dataset_of(cfg).load("test")
+    xs = torch.from_numpy(x[:2048])
+    batches = [(xs[i * 256:(i + 1) * 256], torch.zeros(256, dtype=torch.int64)) for i in range(8)]
+    seeds = [derive_seed(7, "diagnose", b) for b in range(len(batches))]
+    return family, net, batches, seeds
+
+
+def _mean_gradient(family, net, batches, seeds) -> dict[str, torch.Tensor]:
+    """ḡ over the same batches and draws the diagnosis uses (common random numbers)."""
+    net.eval()
+    net.zero_grad(set_to_none=True)
+    for (x, y), s in zip(batches, seeds):
+        (family.training_loss(net, x, y, torch.Generator().manual_seed(s)) / len(batches)).backward()
+    grads = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
+    net.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("direction", [+1, -1])
+def test_a_delta_along_the_real_gradient_gives_the_known_sign_cosine_and_loss_minimum(tmp_path, direction):
+    family, net, batches, seeds = _toy(tmp_path)
+    base = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    g = _mean_gradient(family, net, batches, seeds)
+    norm = torch.sqrt(sum((v.double() ** 2).sum() for v in g.values())).item()
+    eta = 0.05 / norm  # a step of length 0.05 along ±g: L is close to linear in w over the w points
+    finetuned = {k: (v + direction * eta * g[k]) if k in g else v.clone() for k, v in base.items()}
+    ws = [-1.0, -0.5, 0.5, 1.0]
+    d = diagnose(family.training_loss, net, base, finetuned, batches, seeds, ws)
+
+    assert d.sign == direction
+    assert d.cosine == pytest.approx(-direction, abs=1e-5)  # cos(g, −Δ): −1 when Δ = +η·g
+    assert d.g_dot_delta == pytest.approx(direction * eta * norm ** 2, rel=1e-4)  # ⟨ḡ, Δ⟩ = ±η·|ḡ|²
+    assert d.delta_norm == pytest.approx(0.05, rel=1e-4) and d.grad_norm == pytest.approx(norm, rel=1e-4)
+    assert abs(d.g_dot_delta) > 2 * d.g_dot_delta_se
+    assert d.loss_argmin_w == direction * 1.0  # the loss falls along −direction·g: lowest at the far w point on that side
+    assert d.bracket == sorted([direction * 0.5, direction * 1.0]) and d.bracket_open
+    curve = {r["w"]: r for r in d.losses}
+    assert sorted(curve) == [-1.0, -0.5, 0.0, 0.5, 1.0] and curve[0.0]["diff"] == 0.0
+    # L(θ(w)) − L(θ_base) ≈ −w·⟨g, Δ⟩ for small steps (the first-order term the sign rests on)
+    assert curve[0.5]["diff"] == pytest.approx(-0.5 * d.g_dot_delta, rel=0.05)
+    # θ_base is left in the network
+    assert all(torch.equal(net.state_dict()[k], v) for k, v in base.items())
+
+
+def test_common_random_numbers_make_the_diagnosis_repeatable(tmp_path):
+    family, net, batches, seeds = _toy(tmp_path)
+    base = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(1)
+    finetuned = {k: v + 1e-3 * torch.randn_like(v) for k, v in base.items()}
+    a = diagnose(family.training_loss, net, base, finetuned, batches, seeds, [0.5, 1.0])
+    b = diagnose(family.training_loss, net, base, finetuned, batches, seeds, [0.5, 1.0])
+    assert a.g_dot_delta == b.g_dot_delta and a.losses == b.losses
+
+
+def test_a_zero_delta_abstains_over_the_whole_range():
+    assert bracket_of([-1.0, 0.0, 0.5, 2.0], [3.0, 2.0, 1.0, 1.5], 0) == (-1.0, 2.0, False)
+    # the minimum inside the predicted side: its neighbours; at w = 0: [0, the first point]
+    assert bracket_of([-1.0, 0.0, 0.5, 1.0, 2.0], [3.0, 2.0, 1.0, 0.5, 1.5], 1) == (0.5, 2.0, False)
+    assert bracket_of([-1.0, 0.0, 0.5, 1.0], [3.0, 1.0, 1.5, 2.0], 1) == (0.0, 0.5, False)
+    assert bracket_of([-1.0, -0.5, 0.0, 0.5], [2.0, 1.0, 3.0, 4.0], -1) == (-1.0, 0.0, False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and bad input (no Ray)
+
+
+def test_the_diagnose_section_is_checked_at_load(tmp_path):
+    with pytest.raises(NeonError, match=r"^diagnose\.w_points\[1\]: duplicate value 0\.5"):
+        tiny_config(tmp_path, "diagnose.w_points=[0.5,0.5]")
+    with pytest.raises(NeonError, match=r"^diagnose\.batches: "):
+        tiny_config(tmp_path, "diagnose.batches=1")
+    with pytest.raises(NeonError, match=r"^tune\.prior: "):
+        tiny_config(tmp_path, "tune.prior=always")
+    cfg = tiny_config(tmp_path, "tune.prior=diagnose")
+    assert cfg.diagnoses() and not tiny_config(tmp_path).diagnoses()
+
+
+def test_no_held_out_split_is_one_line_naming_the_field(tmp_path):
+    args = ["diagnose", str(TINY), "--output", str(tmp_path / "out"), "--set", "data.name=test_diagnose:TrainOnlyDigits"]
+    res = neon_ray_inprocess(*args)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("neon-ray: error: diagnose.real_source: dataset 'test_diagnose:TrainOnlyDigits' "
+                                                   "has no held-out (test) split"), res.stderr
+    assert not (tmp_path / "out").exists()  # nothing set up
+    # the same at load when the run would diagnose
+    with pytest.raises(NeonError, match=r"^diagnose\.real_source: "):
+        tiny_config(tmp_path, "data.name=test_diagnose:TrainOnlyDigits", "tune.prior=diagnose")
+
+
+def test_diagnose_before_finetune_names_the_stage_to_run(tmp_path, tiny_checkpoint):
+    res = neon_ray_inprocess("diagnose", str(TINY), "--output", str(tmp_path / "out"), "--set", "mlflow.enabled=false",
+                             "--set", f"model.checkpoint={tiny_checkpoint}")
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"neon-ray: error: stage finetune has not run under {tmp_path / 'out'}; run `neon-ray finetune` (or `neon-ray run`) first"]
+
+
+from neon_ray.data.digits import Digits  # noqa: E402
+
+
+class TrainOnlyDigits(Digits):
+    """A dataset without a held-out split (a plugin that ships its training images only)."""
+
+    splits = ("train",)
