@@ -241,7 +241,10 @@ def _summary(cfg: RunConfig, m: dict[str, Manifest], seconds: dict[str, float], 
         "n_synthetic": gen["n_synthetic"],
         "finetune_images": ft["finetune_images"],
         "extra_compute_fraction": ft["extra_compute_fraction"],
-        "search": {**{k: m["tune"].params.get(k) for k in ("search", "scheduler", "rungs", "space", "final_seeds")},
+        "compute": _compute(cfg, m),  # the extra-compute fraction three ways, image-equivalents and seconds per stage
+        "diagnosis": {k: m["diagnose"].metrics[k] for k in ("sign", "bracket", "bracket_open", "cosine", "g_dot_delta",
+                                                            "g_dot_delta_se", "loss_argmin_w", "seconds")} if "diagnose" in m else None,
+        "search": {**{k: m["tune"].params.get(k) for k in ("search", "scheduler", "rungs", "space", "final_seeds", "prior")},
                    "trials": len(tu["trials"]), "images_scored": tu.get("images_scored")},
         "trials": tu["trials"],
         "stage_seconds": seconds,
@@ -250,6 +253,40 @@ def _summary(cfg: RunConfig, m: dict[str, Manifest], seconds: dict[str, float], 
         "registered_model": {k: m["tune"].params[f"registered_{k}"] for k in ("model", "version")}
         if "registered_model" in m["tune"].params else None,
         "mlflow_ui": tracker.ui_hint(),
+    }
+
+
+def _compute(cfg: RunConfig, m: dict[str, Manifest]) -> dict:
+    """What each stage cost, in training image-equivalents (neon_ray.cost) and measured wall seconds, and the extra
+    compute three ways relative to the base's training: the fine-tune alone, + generating S, + the search (its
+    trials, the base's evaluation, the rescored headline and the diagnosis)."""
+    from .cost import fractions, sampling_equivalents
+
+    ev, tu, ft, gen = m["evaluate"].metrics, m["tune"].metrics, m["finetune"].metrics, m["generate"].metrics
+    scoring = cfg.scoring_sampler().model_dump()
+    search = sum(sampling_equivalents(t.get("n") or 0, scoring | t.get("sampler", {})) for t in tu["trials"])
+    search += sampling_equivalents(ev["n"], scoring)
+    if (final := tu.get("final")):
+        for pick in ("base", "neon"):
+            search += sampling_equivalents(final[pick].get("n", ev["n"]) * len(final[pick].get("fids", [])),
+                                           scoring | (final[pick].get("sampler") or {}))
+    if "diagnose" in m:
+        d = m["diagnose"].metrics  # a forward + backward (3 passes) and a forward per w ≠ 0, per held-out sample
+        search += d["images"] * (3 + len(d["losses"]) - 1) / 3
+    equivalents = {"finetune": float(ft["finetune_images"]), "generate": sampling_equivalents(gen["n_synthetic"], cfg.sampler),
+                   "search": search}
+    seconds = {name: man.wall_seconds for name, man in m.items()}
+    base_seconds = seconds.get("pretrain")  # the base's training measured here (none for an imported checkpoint)
+    search_seconds = sum(seconds.get(k, 0.0) for k in ("evaluate", "tune", "diagnose"))
+    return {
+        "base_train_images": ft.get("base_train_images"),
+        "image_equivalents": {k: round(v, 1) for k, v in equivalents.items()},
+        "extra_compute_fraction": fractions(ft.get("base_train_images"), *equivalents.values()),
+        "seconds": seconds,
+        "seconds_fraction": {"finetune": seconds["finetune"] / base_seconds,
+                             "with_generation": (seconds["finetune"] + seconds["generate"]) / base_seconds,
+                             "with_search": (seconds["finetune"] + seconds["generate"] + search_seconds) / base_seconds}
+        if base_seconds else None,
     }
 
 

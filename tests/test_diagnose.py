@@ -138,3 +138,29 @@ class TrainOnlyDigits(Digits):
     """A dataset without a held-out split (a plugin that ships its training images only)."""
 
     splits = ("train",)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole-method cost
+
+
+def test_the_extra_compute_is_reported_three_ways(tmp_path):
+    from neon_ray.cost import evaluations_per_sample
+    from neon_ray.manifest import Manifest
+    from neon_ray.pipeline import _compute
+
+    cfg = tiny_config(tmp_path)  # ddim, 3 steps, guidance 2: 6 evaluations per sample = 2 image-equivalents
+    assert evaluations_per_sample(cfg.sampler) == 6 and evaluations_per_sample({"steps": 4, "guidance": 1.0}) == 4
+    m = {"pretrain": Manifest(stage="pretrain", config_hash="p", wall_seconds=100.0),
+         "generate": Manifest(stage="generate", config_hash="g", metrics={"n_synthetic": 30}, wall_seconds=10.0),
+         "finetune": Manifest(stage="finetune", config_hash="f", wall_seconds=20.0,
+                              metrics={"finetune_images": 32, "base_train_images": 640, "extra_compute_fraction": 0.05}),
+         "evaluate": Manifest(stage="evaluate", config_hash="e", metrics={"n": 40}, wall_seconds=5.0),
+         "tune": Manifest(stage="tune", config_hash="t", wall_seconds=15.0,
+                          metrics={"trials": [{"w": 0.5, "sampler": {}, "n": 40}, {"w": 1.0, "sampler": {"guidance": 1.0}, "n": 40}],
+                                   "final": None})}
+    c = _compute(cfg, m)
+    # search: 40 × 2 (w 0.5 at γ 2) + 40 × 1 (γ 1: 3 evaluations) + the base's evaluation 40 × 2
+    assert c["image_equivalents"] == {"finetune": 32.0, "generate": 60.0, "search": 200.0}
+    assert c["extra_compute_fraction"] == pytest.approx({"finetune": 0.05, "with_generation": 92 / 640, "with_search": 292 / 640})
+    assert c["seconds_fraction"] == pytest.approx({"finetune": 0.2, "with_generation": 0.3, "with_search": 0.5})
