@@ -164,3 +164,95 @@ def test_the_extra_compute_is_reported_three_ways(tmp_path):
     assert c["image_equivalents"] == {"finetune": 32.0, "generate": 60.0, "search": 200.0}
     assert c["extra_compute_fraction"] == pytest.approx({"finetune": 0.05, "with_generation": 92 / 640, "with_search": 292 / 640})
     assert c["seconds_fraction"] == pytest.approx({"finetune": 0.2, "with_generation": 0.3, "with_search": 0.5})
+
+
+# ----------------------------------------------------------------------------------------------
+# tune.prior: diagnose (the searchers start from the bracket; no Ray cluster needed to ask them)
+
+
+def test_the_prior_is_clipped_to_the_allowed_w_with_one_line(tmp_path, caplog):
+    import logging
+
+    from neon_ray.stages.tune import prior_of
+
+    cfg = tiny_config(tmp_path, "tune.search=bracket", "tune.prior=diagnose")  # w range 0.5..1.0 (w_grid), w > 0 only
+    with caplog.at_level(logging.INFO, logger="neon_ray"):
+        p = prior_of(cfg, {"bracket": [0.25, 1.5], "sign": 1})
+        assert p["used"] == [0.25, 1.5] and "diagnosed bracket [0.25, 1.5]" in p["note"]
+        p = prior_of(cfg, {"bracket": [-0.25, 2.0], "sign": 1})
+        assert p["used"] == [0.5, 2.0] and "clipped to the allowed w > 0: [0.5, 2]" in p["note"]
+        p = prior_of(cfg, {"bracket": [-1.0, -0.25], "sign": -1})
+        assert p["used"] is None and "predicts w < 0" in p["note"]
+        p = prior_of(cfg, {"bracket": [-1.0, 2.0], "sign": 0})
+        assert p["used"] is None and "abstained" in p["note"]
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tune.prior:")]
+    assert len(notes) == 4  # one line each
+    negative = tiny_config(tmp_path, "tune.search=bracket", "tune.prior=diagnose", "tune.allow_negative_w=true")
+    assert prior_of(negative, {"bracket": [-1.0, -0.25], "sign": -1})["used"] == [-1.0, -0.25]
+
+
+def test_the_bracket_and_optuna_searchers_start_from_the_prior(tmp_path):
+    from tuning.searchers import make_search
+    from tuning.spaces import W
+
+    cfg = tiny_config(tmp_path, "tune.search=bracket", "tune.space={w: {low: 0.1, high: 3.0}}", "tune.bracket_steps=3")
+    search, _, _ = make_search(cfg, prior=(0.4, 0.8))
+    asked = [search.suggest(f"t{i}") for i in range(2)]  # the two interior golden-section points of the prior bracket
+    assert all(0.4 < c[W] < 0.8 for c in asked), asked
+    plain, _, _ = make_search(cfg)
+    assert any(c[W] > 0.8 for c in (plain.suggest("a"), plain.suggest("b")))
+
+    cfg = tiny_config(tmp_path, "tune.search=optuna", "tune.space={w: {low: 0.1, high: 1.0}}", "tune.num_trials=4")
+    search, _, _ = make_search(cfg, prior=(0.4, 2.0))
+    firsts = [search.suggest(f"t{i}")[W] for i in range(3)]
+    assert firsts[:2] == [0.4, 1.0], firsts  # the ends and middle, clipped into the configured range (1.2 and 2.0 → 1.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Through the product: the session's tiny run (real Ray, DeepSpeed, MLflow sqlite), copied, then diagnosed and searched
+
+
+@pytest.mark.slow
+def test_diagnose_and_a_search_from_its_bracket_on_the_tiny_run(tmp_path, undisturbed_tiny_run):
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from _support import neon_ray_cli
+
+    made, _, sets = undisturbed_tiny_run
+    out = tmp_path / "tiny"
+    shutil.copytree(made, out)  # a copied output reruns in place: generate and finetune are current
+    same = [a for s in sets for a in ("--set", s)]
+    env = {"MLFLOW_TRACKING_URI": ""}
+
+    # `neon-ray diagnose --json`: one single-line JSON object, last on stdout.
+    res = neon_ray_cli("diagnose", str(TINY), "--output", str(out), *same, "--json", timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    d = json.loads(res.stdout.strip().splitlines()[-1])
+    assert {"sign", "bracket", "cosine", "loss_argmin_w", "seconds"} <= set(d)
+    assert d["sign"] in (-1, 0, 1) and len(d["bracket"]) == 2 and d["bracket"][0] < d["bracket"][1]
+    assert -1 <= d["cosine"] <= 1 and d["seconds"] > 0
+    assert d["metrics"]["images"] == 8 * 64 and d["metrics"]["batches"] == 8  # the defaults, from the 10k test split
+    manifest = json.loads((out / "diagnose" / "manifest.json").read_text())
+    assert manifest["metrics"]["bracket"] == d["bracket"] and manifest["inputs"]["real"] == "fashion_mnist/test"
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("neon-ray").experiment_id], "tags.stage = 'diagnose'")
+    assert len(runs) == 1 and runs[0].data.metrics["sign"] == d["sign"] and "loss_at.0.5" in runs[0].data.metrics
+    assert runs[0].data.params["w_points"] == json.dumps([-1.0, -0.5, -0.25, 0.25, 0.5, 1.0, 1.5, 2.0])
+
+    # `run` with tune.prior: diagnose: the diagnosis is reused (current), the bracket search starts from it and says so.
+    prior = ["--set", "tune.prior=diagnose", "--set", "tune.search=bracket", "--set", "tune.bracket_steps=2"]
+    res = neon_ray_cli("run", str(TINY), "--output", str(out), *same, *prior, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "diagnose: up to date" in res.stderr and "tune.prior: " in res.stdout + res.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["diagnosis"]["bracket"] == d["bracket"]
+    p = summary["search"]["prior"]
+    assert p["source"] == "diagnose" and p["bracket"] == d["bracket"] and p["note"].startswith("tune.prior: ")
+    if p["used"]:  # the bracket searcher's w lie inside the (clipped) prior bracket
+        assert all(p["used"][0] <= t["w"] <= p["used"][1] for t in summary["trials"] if t["w"] > 0), summary["trials"]
+    f = summary["compute"]["extra_compute_fraction"]
+    assert f["finetune"] == pytest.approx(summary["extra_compute_fraction"]) and f["finetune"] < f["with_generation"] < f["with_search"]
+    assert summary["compute"]["seconds_fraction"]["with_search"] > 0
+    assert "+ generating S" in res.stdout and "diagnosis: sign" in res.stdout
