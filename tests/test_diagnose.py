@@ -19,6 +19,7 @@ from neon_ray.diagnosis import bracket_of, diagnose
 from neon_ray.errors import NeonError
 
 TOY = ROOT / "neon_ray" / "configs" / "toy_gaussian.yaml"
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: a second thread only adds contention
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,6 +50,16 @@ def _mean_gradient(family, net, batches, seeds) -> dict[str, torch.Tensor]:
     grads = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
     net.zero_grad(set_to_none=True)
     return grads
+
+
+def test_the_diagnosis_math_imports_no_distributed_stack():
+    import subprocess
+    import sys
+
+    code = ("import sys, neon_ray.diagnosis, neon_ray.cost;"
+            "bad=[m for m in ('ray','deepspeed','mlflow') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
 
 
 @pytest.mark.parametrize("direction", [+1, -1])
