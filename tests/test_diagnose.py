@@ -142,6 +142,52 @@ def test_diagnose_before_finetune_names_the_stage_to_run(tmp_path, tiny_checkpoi
         f"neon-ray: error: stage finetune has not run under {tmp_path / 'out'}; run `neon-ray finetune` (or `neon-ray run`) first"]
 
 
+def _hand_made_finetune(cfg, base, tmp_path, scale: float = 1e-3):
+    """A finetune stage's output made by hand (θ_base plus a seeded perturbation) under the config's own hash, so
+    that the diagnose stage runs without a Ray Train fine-tune."""
+    from neon_ray.manifest import StageRecord
+    from neon_ray.models.checkpoint import load_checkpoint, save_checkpoint
+    from neon_ray.pipeline import stage_hash
+    from neon_ray.runtime.checkpoints import spec_of
+
+    state, _ = load_checkpoint(str(base))
+    g = torch.Generator().manual_seed(0)
+    ft = {k: v + scale * torch.randn(v.shape, generator=g) if v.is_floating_point() else v for k, v in state.items()}
+    rec = StageRecord("finetune", cfg.output, stage_hash(cfg, "finetune"))
+    path = f"{rec.dir}/model.safetensors"
+    save_checkpoint(path, ft, spec_of(cfg))
+    rec.outputs = {"model": path}
+    rec.finish()
+
+
+def test_the_diagnose_command_prints_one_json_line_and_records_the_stage(tmp_path, tiny_checkpoint):
+    """The stage and the command without a Ray fine-tune: --json's contract, the manifest, the MLflow child run, a rerun
+    that skips, and the human line without --json."""
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    sets = [f"model.checkpoint={tiny_checkpoint}", "diagnose.batches=3", "diagnose.batch_size=16", "diagnose.w_points=[-0.5,0.5,1.0]"]
+    _hand_made_finetune(tiny_config(out, *sets), tiny_checkpoint, tmp_path)
+    args = ["diagnose", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
+    res = neon_ray_inprocess(*args, "--json")
+    assert res.returncode == 0, res.stderr
+    last = res.stdout.strip().splitlines()[-1]
+    d = json.loads(last)
+    assert {"sign", "bracket", "cosine", "loss_argmin_w", "seconds"} <= set(d) and "\n" not in last
+    assert d["sign"] in (-1, 0, 1) and d["loss_argmin_w"] in (-0.5, 0.0, 0.5, 1.0) and d["metrics"]["images"] == 48
+    assert [r["w"] for r in d["metrics"]["losses"]] == [-0.5, 0.0, 0.5, 1.0]
+    manifest = json.loads((out / "diagnose" / "manifest.json").read_text())
+    assert manifest["metrics"]["bracket"] == d["bracket"] and manifest["inputs"]["real"] == "fashion_mnist/test"
+    assert manifest["params"]["batches"] == 3 and manifest["inputs"]["finetuned"] == "finetune/model.safetensors"
+    client = MlflowClient(tracking_uri=f"sqlite:///{out}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("neon-ray").experiment_id], "tags.stage = 'diagnose'")
+    assert len(runs) == 1 and runs[0].data.metrics["sign"] == d["sign"] and runs[0].data.metrics["cosine"] == pytest.approx(d["cosine"])
+    assert {"bracket_lo", "bracket_hi", "g_dot_delta", "loss_at.0.5"} <= set(runs[0].data.metrics)
+    again = neon_ray_inprocess(*args)  # current: skipped (the manifest is not rewritten); the human line
+    assert again.returncode == 0 and json.loads((out / "diagnose" / "manifest.json").read_text()) == manifest
+    assert again.stdout.strip().splitlines()[-1].startswith(f"diagnose: sign {d['sign']:+d}"), again.stdout
+
+
 from neon_ray.data.digits import Digits  # noqa: E402
 
 
