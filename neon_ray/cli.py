@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--version", action="version", version=f"neon-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="pretrain (if needed) → generate → finetune → evaluate → tune, tracked in MLflow")
+    p = sub.add_parser("run", help="pretrain (if needed) → generate → finetune (→ diagnose) → evaluate → tune, tracked in MLflow")
     _add_common(p)
     for name, text in [
         ("pretrain", "train the built-in base model on the real training split (Ray Train)"),
