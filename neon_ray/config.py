@@ -199,8 +199,10 @@ class DiagnoseConfig(Section):
                                   description="The w at which the real-data loss L(θ_base − w·Δ) is computed (w = 0 is always added).")
     seed: int = Field(2_000_003, description="Seed stream of the held-out rows and of each batch's noise, timesteps and tokens (the same for every θ).")
     real_source: str | None = Field(None, description="A Parquet set (with labels for a class-conditional model) or image folder of real samples the base never trained on; null: the dataset's test split.")
+    workers: int = Field(0, ge=0, description="Ray tasks that share the batches (each loads θ_base and θ_ft); 0: in the driver process (small models). The result is the same for any count.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs (and torch threads, rounded) per diagnose task.")
 
-    OPERATIONAL: ClassVar[set[str]] = {"enabled"}
+    OPERATIONAL: ClassVar[set[str]] = {"enabled", "workers", "cpus_per_worker"}
 
     @model_validator(mode="after")
     def _check_points(self) -> "DiagnoseConfig":

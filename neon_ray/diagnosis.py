@@ -76,18 +76,36 @@ def diagnose(loss_fn: LossFn, net: nn.Module, base: dict[str, torch.Tensor], fin
     """The diagnosis of Δ on held-out real batches [(x (B, ...), y (B,))], batch b drawn with `seeds[b]`: `net` holds
     θ_base's architecture (its weights are replaced and left at θ_base), `loss_fn` is the family's `training_loss`."""
     t0 = time.time()
-    assert len(batches) >= 2 and len(seeds) == len(batches), "one seed per batch, and two batches at least (standard errors)"
+    share = measure(loss_fn, net, base, finetuned, batches, seeds, w_points)
+    return conclude([share], w_points, time.time() - t0)
+
+
+@dataclass
+class Share:
+    """What one process measured on its share of the batches (in batch order); `conclude` joins shares."""
+
+    dots: list[float]  # ⟨g_b, Δ⟩ per batch
+    line: dict[float, list[float]]  # w → L_b(θ(w)) per batch (w = 0 included)
+    g_sum: dict[str, torch.Tensor]  # Σ_b g_b over the share (fp32)
+    delta_sq: float  # |Δ|² over the parameters
+    images: int
+
+
+def measure(loss_fn: LossFn, net: nn.Module, base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
+            batches: Sequence[tuple[torch.Tensor, torch.Tensor]], seeds: Sequence[int], w_points: Sequence[float]) -> Share:
+    """The gradient pass at θ_base and the loss along the line on some batches (a worker's share, or all of them)."""
+    assert len(seeds) == len(batches), "one seed per batch"
     net.eval()  # the objective without dropout: a deterministic function of θ and the batch's generator
     net.load_state_dict(base, strict=True)
     delta = delta_of(base, finetuned)
     params = {name: p for name, p in net.named_parameters() if name in delta}
 
-    # 1. The real-data gradient at θ_base, batch by batch: ⟨g_b, Δ⟩ per batch and the mean gradient ḡ.
+    # 1. The real-data gradient at θ_base, batch by batch: ⟨g_b, Δ⟩ per batch and Σ_b g_b (for ḡ).
     g_sum = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     dots, base_losses = [], []
-    for b, (x, y) in enumerate(batches):
+    for (x, y), seed in zip(batches, seeds):
         net.zero_grad(set_to_none=True)
-        loss = loss_fn(net, x, y, batch_generator(seeds[b]))
+        loss = loss_fn(net, x, y, batch_generator(seed))
         loss.backward()
         dot = 0.0
         for name, p in params.items():
@@ -98,35 +116,45 @@ def diagnose(loss_fn: LossFn, net: nn.Module, base: dict[str, torch.Tensor], fin
         dots.append(dot)
         base_losses.append(float(loss.detach()))
     net.zero_grad(set_to_none=True)
-    n = len(batches)
-    g_dot, g_se = _mean(dots), _se(dots)
-    grad_sq = sum(float((g / n).double().pow(2).sum()) for g in g_sum.values())
-    delta_sq = sum(float(d.double().pow(2).sum()) for name, d in delta.items() if name in params)
-    grad_norm, delta_norm = math.sqrt(grad_sq), math.sqrt(delta_sq)
-    cosine = -g_dot / (grad_norm * delta_norm) if grad_norm > 0 and delta_norm > 0 else 0.0
 
     # 2. The real-data objective along the line θ(w) = θ_base − w·Δ, on the same batches and draws.
-    ws = sorted({float(w) for w in w_points} | {0.0})
-    losses = []
+    line = {0.0: base_losses}
     with torch.no_grad():
-        for w in ws:
-            if w == 0.0:
-                per_batch = base_losses
-            else:
-                net.load_state_dict(line_state(base, finetuned, w), strict=True)
-                per_batch = [float(loss_fn(net, x, y, batch_generator(seeds[b]))) for b, (x, y) in enumerate(batches)]
-            diffs = [a - c for a, c in zip(per_batch, base_losses)]
-            losses.append({"w": w, "loss": _mean(per_batch), "diff": _mean(diffs), "diff_se": _se(diffs)})
+        for w in sorted({float(w) for w in w_points} - {0.0}):
+            net.load_state_dict(line_state(base, finetuned, w), strict=True)
+            line[w] = [float(loss_fn(net, x, y, batch_generator(seed))) for (x, y), seed in zip(batches, seeds)]
     net.load_state_dict(base, strict=True)
+    delta_sq = sum(float(d.double().pow(2).sum()) for name, d in delta.items() if name in params)
+    return Share(dots=dots, line=line, g_sum=g_sum, delta_sq=delta_sq, images=sum(int(x.shape[0]) for x, _ in batches))
+
+
+def conclude(shares: Sequence[Share], w_points: Sequence[float], seconds: float) -> Diagnosis:
+    """The diagnosis from the shares of all the batches (in batch order): statistics over batches, the sign, the bracket."""
+    dots = [d for s in shares for d in s.dots]
+    n = len(dots)
+    assert n >= 2, "the standard errors need two batches at least"
+    g_dot, g_se = _mean(dots), _se(dots)
+    g_sum = {name: sum(s.g_sum[name] for s in shares) for name in shares[0].g_sum}
+    grad_norm = math.sqrt(sum(float((g / n).double().pow(2).sum()) for g in g_sum.values()))
+    delta_norm = math.sqrt(shares[0].delta_sq)
+    cosine = -g_dot / (grad_norm * delta_norm) if grad_norm > 0 and delta_norm > 0 else 0.0
+
+    ws = sorted({float(w) for w in w_points} | {0.0})
+    base_losses = [v for s in shares for v in s.line[0.0]]
+    losses = []
+    for w in ws:
+        per_batch = [v for s in shares for v in s.line[w]]
+        diffs = [a - c for a, c in zip(per_batch, base_losses)]  # paired: the same batch and draws at w and at 0
+        losses.append({"w": w, "loss": _mean(per_batch), "diff": _mean(diffs), "diff_se": _se(diffs)})
     argmin = min(losses, key=lambda r: r["loss"])["w"]
 
-    # 3. The prediction: the sign of ⟨g, Δ⟩ unless it is within two standard errors of zero, and a bracket around
-    #    the loss minimum on the predicted side (the whole range of w points when abstaining).
+    # The prediction: the sign of ⟨g, Δ⟩ unless it is within two standard errors of zero, and a bracket around the
+    # loss minimum on the predicted side (the whole range of w points when abstaining).
     sign = 0 if abs(g_dot) < 2 * g_se else (1 if g_dot > 0 else -1)
     lo, hi, open_end = bracket_of(ws, [r["loss"] for r in losses], sign)
     return Diagnosis(sign=sign, bracket=[lo, hi], bracket_open=open_end, cosine=cosine, g_dot_delta=g_dot, g_dot_delta_se=g_se,
                      grad_norm=grad_norm, delta_norm=delta_norm, loss_argmin_w=argmin, losses=losses, batches=n,
-                     images=sum(int(x.shape[0]) for x, _ in batches), seconds=round(time.time() - t0, 3))
+                     images=sum(s.images for s in shares), seconds=round(seconds, 3))
 
 
 def bracket_of(ws: Sequence[float], losses: Sequence[float], sign: int) -> tuple[float, float, bool]:

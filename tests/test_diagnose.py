@@ -98,6 +98,21 @@ def test_common_random_numbers_make_the_diagnosis_repeatable(tmp_path):
     assert a.g_dot_delta == b.g_dot_delta and a.losses == b.losses
 
 
+def test_shares_of_the_batches_join_into_the_same_diagnosis(tmp_path):
+    """What Ray tasks each measure on a contiguous share of the batches joins into the whole's diagnosis."""
+    from neon_ray.diagnosis import conclude, measure
+
+    family, net, batches, seeds = _toy(tmp_path)
+    base = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(1)
+    finetuned = {k: v + 1e-3 * torch.randn_like(v) for k, v in base.items()}
+    whole = diagnose(family.training_loss, net, base, finetuned, batches, seeds, [0.5, 1.0])
+    parts = [measure(family.training_loss, net, base, finetuned, batches[a:b], seeds[a:b], [0.5, 1.0]) for a, b in ((0, 3), (3, 8))]
+    joined = conclude(parts, [0.5, 1.0], whole.seconds)
+    assert joined.losses == whole.losses and joined.g_dot_delta == whole.g_dot_delta and joined.sign == whole.sign
+    assert joined.grad_norm == pytest.approx(whole.grad_norm, rel=1e-6) and joined.cosine == pytest.approx(whole.cosine, rel=1e-5)
+
+
 def test_a_zero_delta_abstains_over_the_whole_range():
     assert bracket_of([-1.0, 0.0, 0.5, 2.0], [3.0, 2.0, 1.0, 1.5], 0) == (-1.0, 2.0, False)
     # the minimum inside the predicted side: its neighbours; at w = 0: [0, the first point]
@@ -186,6 +201,22 @@ def test_the_diagnose_command_prints_one_json_line_and_records_the_stage(tmp_pat
     again = neon_ray_inprocess(*args)  # current: skipped (the manifest is not rewritten); the human line
     assert again.returncode == 0 and json.loads((out / "diagnose" / "manifest.json").read_text()) == manifest
     assert again.stdout.strip().splitlines()[-1].startswith(f"diagnose: sign {d['sign']:+d}"), again.stdout
+
+
+@pytest.mark.slow
+def test_the_diagnosis_over_ray_tasks_is_the_drivers(tmp_path, tiny_checkpoint, ray_local):
+    """diagnose.workers: 2 Ray tasks share the batches; the same numbers as in the driver (a real local Ray)."""
+    from neon_ray.pipeline import run_command
+
+    sets = [f"model.checkpoint={tiny_checkpoint}", "diagnose.batches=4", "diagnose.batch_size=16", "diagnose.w_points=[0.5,1.0]",
+            "mlflow.enabled=false"]
+    cfg = tiny_config(tmp_path / "out", *sets)
+    _hand_made_finetune(cfg, tiny_checkpoint, tmp_path)
+    here = run_command(cfg, "diagnose").metrics
+    there = run_command(tiny_config(tmp_path / "out", *sets, "diagnose.workers=2", "diagnose.cpus_per_worker=0.5"), "diagnose",
+                        force=True).metrics
+    assert there["losses"] == here["losses"] and there["g_dot_delta"] == here["g_dot_delta"] and there["sign"] == here["sign"]
+    assert there["cosine"] == pytest.approx(here["cosine"], rel=1e-5) and there["bracket"] == here["bracket"]
 
 
 from neon_ray.data.digits import Digits  # noqa: E402

@@ -150,6 +150,8 @@ def changes(tmp: Path) -> dict[str, tuple[object, frozenset[str]]]:
         "diagnose.w_points": ([0.5, 1.0], DIAGNOSE),
         "diagnose.seed": (5, DIAGNOSE),
         "diagnose.real_source": (str(folder), DIAGNOSE),
+        "diagnose.workers": (2, NONE),  # the same result for any count
+        "diagnose.cpus_per_worker": (0.5, NONE),
     }
 
 

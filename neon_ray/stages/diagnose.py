@@ -7,15 +7,18 @@ gradient at θ_base and Δ = θ_ft − θ_base with its standard error over batc
 objective L(θ_base − w·Δ) at `diagnose.w_points`, its argmin, the predicted sign and the bracket `tune.prior:
 diagnose` searches. The manifest and the stage's MLflow run record all of it.
 
-It runs in the driver process: one backward and a forward per w point over a few batches costs less than one
-search trial for the models here. A model too large for one process would run the same `diagnosis.diagnose` over
-Ray Train workers (each a share of the batches, the gradient sharded with DeepSpeed ZeRO as the fine-tune was,
-the per-batch dot products gathered); that path is not built yet.
+By default it runs in the driver process: one backward and a forward per w point over a few batches costs less
+than one search trial for the models here. With `diagnose.workers` ≥ 1, Ray tasks take contiguous shares of the
+batches (each loads θ_base and θ_ft and runs `diagnosis.measure`), and the driver joins their per-batch numbers and
+gradient sums (`diagnosis.conclude`): the same result for any count, each task holding one model's weights, its
+gradient and Δ. A model whose gradient does not fit one worker would need the gradient sharded with DeepSpeed ZeRO
+as the fine-tune was (per-batch dot products reduced across ranks); that path is not built.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 import torch
@@ -23,7 +26,7 @@ import torch
 from .. import storage
 from ..config import DiagnoseConfig, RunConfig
 from ..context import StageContext
-from ..diagnosis import describe, diagnose
+from ..diagnosis import Share, conclude, describe, measure
 from ..errors import NeonError
 from ..inputs import BASE, StageInputs
 from ..manifest import Manifest
@@ -42,22 +45,54 @@ def run(section: DiagnoseConfig, ctx: StageContext) -> Manifest:
     cfg.check_diagnose_data()
     base, finetuned = ctx.input_uri("base"), ctx.input_uri("finetune")
     rec = ctx.start()
+    t0 = time.time()
     x, y, source = held_out(cfg, section)
-    family, net = load_model(spec_of(cfg), base)
-    base_state, _ = load_checkpoint(base)
-    ft_state, _ = load_checkpoint(finetuned)
     n = section.batch_size
     batches = [(x[i * n:(i + 1) * n], y[i * n:(i + 1) * n]) for i in range(len(x) // n)]
     seeds = [derive_seed(section.seed, "diagnose", b) for b in range(len(batches))]
-    result = diagnose(family.training_loss, net, base_state, ft_state, batches, seeds, section.w_points)
+    if section.workers:
+        shares = _on_workers(cfg, section, base, finetuned, batches, seeds)
+    else:
+        shares = [measure_share(spec_of(cfg), base, finetuned, batches, seeds, section.w_points)]
+    result = conclude(shares, section.w_points, time.time() - t0)
     log.info("diagnose: %s", describe(result.to_dict()))
     rec.inputs = {"base_checkpoint": base, "finetuned": finetuned, "real": source}
     rec.metrics = result.to_dict() | {"bracket_lo": result.bracket[0], "bracket_hi": result.bracket[1],
                                       # MLflow keeps numbers: the loss curve as loss_at.<w>
                                       "loss_at": {f"{r['w']:g}": r["loss"] for r in result.losses}}
     rec.params = {"batches": section.batches, "batch_size": section.batch_size, "w_points": list(section.w_points),
-                  "seed": section.seed, "source": source}
+                  "seed": section.seed, "source": source, "workers": section.workers}
     return rec.finish()
+
+
+def measure_share(spec, base: str, finetuned: str, batches, seeds, w_points) -> Share:
+    """One share of the batches, in this process (the driver, or a Ray task)."""
+    family, net = load_model(spec, base)
+    base_state, _ = load_checkpoint(base)
+    ft_state, _ = load_checkpoint(finetuned)
+    return measure(family.training_loss, net, base_state, ft_state, batches, seeds, w_points)
+
+
+def _on_workers(cfg: RunConfig, section: DiagnoseConfig, base: str, finetuned: str, batches, seeds) -> list[Share]:
+    """Contiguous shares of the batches, one Ray task each (Ray retries a task whose worker died)."""
+    import ray
+
+    from ..runtime.cluster import ensure_ray
+
+    ensure_ray(cfg.ray)
+    spec, k = spec_of(cfg), min(section.workers, len(batches))
+    bounds = [round(i * len(batches) / k) for i in range(k + 1)]
+    task = ray.remote(num_cpus=section.cpus_per_worker)(_share_task)
+    refs = [task.remote(spec, base, finetuned, batches[a:b], seeds[a:b], list(section.w_points), max(1, int(section.cpus_per_worker)))
+            for a, b in zip(bounds, bounds[1:])]
+    return ray.get(refs)
+
+
+def _share_task(spec, base: str, finetuned: str, batches, seeds, w_points, threads: int) -> Share:
+    from ..runtime.checkpoints import set_torch_threads
+
+    set_torch_threads(threads)
+    return measure_share(spec, base, finetuned, batches, seeds, w_points)
 
 
 def held_out(cfg: RunConfig, section: DiagnoseConfig) -> tuple[torch.Tensor, torch.Tensor, str]:
