@@ -203,6 +203,16 @@ def test_the_diagnose_command_prints_one_json_line_and_records_the_stage(tmp_pat
     assert again.stdout.strip().splitlines()[-1].startswith(f"diagnose: sign {d['sign']:+d}"), again.stdout
 
 
+
+def test_a_search_from_the_prior_needs_the_diagnosis_first(tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    sets = [f"model.checkpoint={tiny_checkpoint}", "tune.prior=diagnose", "tune.search=bracket", "mlflow.enabled=false"]
+    _hand_made_finetune(tiny_config(out, *sets), tiny_checkpoint, tmp_path)
+    res = neon_ray_inprocess("tune", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)])
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.strip().splitlines() == [
+        f"neon-ray: error: stage diagnose has not run under {out}; run `neon-ray diagnose` (or `neon-ray run`) first"]
+
 @pytest.mark.slow
 def test_the_diagnosis_over_ray_tasks_is_the_drivers(tmp_path, tiny_checkpoint, ray_local):
     """diagnose.workers: 2 Ray tasks share the batches; the same numbers as in the driver (a real local Ray)."""
