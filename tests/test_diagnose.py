@@ -283,8 +283,10 @@ def test_the_prior_is_clipped_to_the_allowed_w_with_one_line(tmp_path, caplog):
         assert p["used"] is None and "predicts w < 0" in p["note"]
         p = prior_of(cfg, {"bracket": [-1.0, 2.0], "sign": 0})
         assert p["used"] is None and "abstained" in p["note"]
+        p = prior_of(cfg, {"bracket": [0.1, 0.25], "sign": 1, "bracket_open": True})  # the loss still fell at 0.25
+        assert p["used"] == [0.1, 1.0] and p["bracket"] == [0.1, 0.25]
     notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tune.prior:")]
-    assert len(notes) == 4  # one line each
+    assert len(notes) == 5  # one line each
     negative = tiny_config(tmp_path, "tune.search=bracket", "tune.prior=diagnose", "tune.allow_negative_w=true")
     assert prior_of(negative, {"bracket": [-1.0, -0.25], "sign": -1})["used"] == [-1.0, -0.25]
 

@@ -104,14 +104,17 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
 
 
 def prior_of(cfg: RunConfig, diagnosis: dict) -> dict:
-    """The w range the search starts from under tune.prior: diagnose: the diagnosed bracket, clipped to the allowed
-    w (w > 0 unless tune.allow_negative_w; > 0 on a log scale), or None (`used`) when the diagnosis abstained or
-    predicts only w the search may not take; `note` says which, in one line (logged)."""
+    """The w range the search starts from under tune.prior: diagnose: the diagnosed bracket (an open one reaching at
+    least the configured range's far end), clipped to the allowed w (w > 0 unless tune.allow_negative_w; > 0 on a log
+    scale), or None (`used`) when the diagnosis abstained or predicts only w the search may not take; `note` says
+    which, in one line (logged)."""
     t = cfg.tune
     w = t.w_dimension()
     lo, hi = (float(x) for x in diagnosis["bracket"])
     configured = (w.low, w.high) if w.is_range else (min(w.choice), max(w.choice))
     positive_only = not t.allow_negative_w or w.scale == "log"
+    if diagnosis.get("bracket_open"):  # the loss still fell at the last w point: reach at least as far as the configured range
+        lo, hi = (lo, max(hi, configured[1])) if diagnosis["sign"] > 0 else (min(lo, configured[0]), hi)
     used, note = (lo, hi), f"tune.prior: searching w over the diagnosed bracket [{lo:g}, {hi:g}] (configured: [{configured[0]:g}, {configured[1]:g}])"
     if t.search == "grid":
         used, note = None, "tune.prior: the grid searcher scores its grid as configured (the prior steers bracket and optuna only)"
@@ -124,7 +127,8 @@ def prior_of(cfg: RunConfig, diagnosis: dict) -> dict:
         floor = configured[0] if 0 < configured[0] < hi else hi / 4
         used, note = (floor, hi), f"tune.prior: the diagnosed bracket [{lo:g}, {hi:g}] clipped to the allowed w > 0: [{floor:g}, {hi:g}]"
     log.info(note)
-    return {"source": "diagnose", "bracket": [lo, hi], "sign": diagnosis["sign"], "used": list(used) if used else None, "note": note}
+    return {"source": "diagnose", "bracket": [float(x) for x in diagnosis["bracket"]], "sign": diagnosis["sign"],
+            "used": list(used) if used else None, "note": note}
 
 
 def _trial_grids(cfg: RunConfig, rows: list[dict], tmp: str) -> dict[str, str]:
