@@ -9,6 +9,7 @@ cosine cos(g, −Δ) = −1. A fine-tune that moved down it (Δ = −η·g) is o
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -202,6 +203,33 @@ def test_the_diagnose_command_prints_one_json_line_and_records_the_stage(tmp_pat
     assert again.returncode == 0 and json.loads((out / "diagnose" / "manifest.json").read_text()) == manifest
     assert again.stdout.strip().splitlines()[-1].startswith(f"diagnose: sign {d['sign']:+d}"), again.stdout
 
+
+
+FAMILY_CONFIGS = ["tiny", "tiny_ar", "tiny_dit", "tiny_edm", "tiny_fewstep", "tiny_flow", "tiny_xar"]
+
+
+@pytest.mark.parametrize("name", FAMILY_CONFIGS)
+def test_every_familys_tiny_config_diagnoses_with_common_random_numbers(tmp_path, name):
+    """The stage on every family's tiny config (a random base, a hand-made fine-tune): the family's own loss, the same
+    draws for every θ, so a rerun gives the same numbers to the last digit."""
+    from neon_ray.config import load_config
+    from neon_ray.models.checkpoint import save_checkpoint
+    from neon_ray.pipeline import run_command
+    from neon_ray.runtime.checkpoints import family_for, spec_of
+
+    out = tmp_path / "out"
+    small = ["diagnose.batches=2", "diagnose.batch_size=8", "diagnose.w_points=[0.5]", "mlflow.enabled=false"]
+    cfg = load_config(name, small, str(out))
+    family = family_for(spec_of(cfg))
+    torch.manual_seed(0)
+    base = tmp_path / "base.safetensors"
+    save_checkpoint(str(base), family.build().state_dict(), family.spec, train_images=1000)
+    cfg = load_config(name, [*small, f"model.checkpoint={base}"], str(out))
+    _hand_made_finetune(cfg, base, tmp_path)
+    first = run_command(cfg, "diagnose").metrics
+    again = run_command(cfg, "diagnose", force=True).metrics
+    assert first["losses"] == again["losses"] and first["g_dot_delta"] == again["g_dot_delta"], name
+    assert all(math.isfinite(r["loss"]) for r in first["losses"]) and math.isfinite(first["cosine"]) and first["images"] == 16
 
 
 def test_a_search_from_the_prior_needs_the_diagnosis_first(tmp_path, tiny_checkpoint):
