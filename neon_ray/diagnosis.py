@@ -8,12 +8,14 @@ optimizer's preconditioner, g_s the gradient on S). Along the merge line θ(w) =
 
 so it falls for small w > 0 exactly when ⟨g, Δ⟩ > 0, i.e. when g and the self-training direction P·g_s ≈ −Δ/α are
 anti-aligned. `cosine` follows the paper's convention (App. B): the cosine between g and −Δ (≈ P·g_s up to α),
-negative for a mode-seeking S (Neon helps, w > 0) and positive for a diversity-seeking one (w < 0 helps).
+which the paper reports negative for a mode-seeking S (Neon helps, w > 0) and positive for a diversity-seeking one.
+The training loss is a proxy for what FID measures: on the toy the prediction holds for the diversity-seeking
+sampler and fails for the mode-seeking one (docs/results.md).
 
 Common random numbers: batch b of the held-out real data gets the same noise, timesteps, label drops and tokens
 for every θ (a generator seeded by the batch's own seed, keyed by the caller as (seed, "diagnose", b), handed to
-the family's own `training_loss`), so
-differences between θs are not sampling noise; the standard errors are over batches (paired for the line).
+the family's own `training_loss`), so differences between θs are not sampling noise; the standard errors are over
+batches (paired for the line).
 """
 
 from __future__ import annotations
