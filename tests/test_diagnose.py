@@ -89,18 +89,9 @@ def test_a_delta_along_the_real_gradient_gives_the_known_sign_cosine_and_loss_mi
     assert all(torch.equal(net.state_dict()[k], v) for k, v in base.items())
 
 
-def test_common_random_numbers_make_the_diagnosis_repeatable(tmp_path):
-    family, net, batches, seeds = _toy(tmp_path)
-    base = {k: v.detach().clone() for k, v in net.state_dict().items()}
-    torch.manual_seed(1)
-    finetuned = {k: v + 1e-3 * torch.randn_like(v) for k, v in base.items()}
-    a = diagnose(family.training_loss, net, base, finetuned, batches, seeds, [0.5, 1.0])
-    b = diagnose(family.training_loss, net, base, finetuned, batches, seeds, [0.5, 1.0])
-    assert a.g_dot_delta == b.g_dot_delta and a.losses == b.losses
-
-
-def test_shares_of_the_batches_join_into_the_same_diagnosis(tmp_path):
-    """What Ray tasks each measure on a contiguous share of the batches joins into the whole's diagnosis."""
+def test_the_diagnosis_repeats_and_shares_of_the_batches_join_into_it(tmp_path):
+    """Common random numbers: the same numbers twice; what Ray tasks each measure on a contiguous share of the batches
+    joins into the whole's diagnosis."""
     from neon_ray.diagnosis import conclude, measure
 
     family, net, batches, seeds = _toy(tmp_path)
@@ -108,6 +99,8 @@ def test_shares_of_the_batches_join_into_the_same_diagnosis(tmp_path):
     torch.manual_seed(1)
     finetuned = {k: v + 1e-3 * torch.randn_like(v) for k, v in base.items()}
     whole = diagnose(family.training_loss, net, base, finetuned, batches, seeds, [0.5, 1.0])
+    again = diagnose(family.training_loss, net, base, finetuned, batches, seeds, [0.5, 1.0])
+    assert again.g_dot_delta == whole.g_dot_delta and again.losses == whole.losses
     parts = [measure(family.training_loss, net, base, finetuned, batches[a:b], seeds[a:b], [0.5, 1.0]) for a, b in ((0, 3), (3, 8))]
     joined = conclude(parts, [0.5, 1.0], whole.seconds)
     assert joined.losses == whole.losses and joined.g_dot_delta == whole.g_dot_delta and joined.sign == whole.sign
