@@ -11,6 +11,13 @@ images sampled + scored (the cost unit), wall seconds, the Neon pick (w, γ) and
 at its own best γ, and the real-vs-real floor at n. `--final-seeds K` also rescores each pick on K fresh seed
 sets (6·K·n more images per search). The target: one searcher's pick within the floor of the grid's at ≤ 25%
 of the grid's images.
+
+With and without the diagnosis's prior (issue 26): the shared output also runs `neon-ray diagnose`, and
+"optuna + prior" / "bracket + prior" are the same searches under `tune.prior: diagnose` (the bracket searcher
+searches w over the diagnosed bracket, Optuna evaluates its ends and middle first). Those two alone:
+
+    python benchmarks/search_cost.py --only "grid (full n)" --only "bracket" --only "bracket + prior" \
+        --only "optuna + ASHA" --only "optuna + prior"
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ def searches(n: int) -> dict[str, list[str]]:
         "grid + ASHA": ["tune.search=grid", grid, rungs, "tune.scheduler=asha"],
         "optuna + ASHA": ["tune.search=optuna", "tune.num_trials=12", ranged, rungs, "tune.scheduler=asha"],
         "bracket": ["tune.search=bracket", "tune.bracket_steps=4", ranged, f"tune.rungs=[{n // 4}, {n}]", "tune.scheduler=fifo"],
+        "optuna + prior": ["tune.search=optuna", "tune.num_trials=12", ranged, rungs, "tune.scheduler=asha", "tune.prior=diagnose"],
+        "bracket + prior": ["tune.search=bracket", "tune.bracket_steps=4", ranged, f"tune.rungs=[{n // 4}, {n}]", "tune.scheduler=fifo",
+                            "tune.prior=diagnose"],
     }
 
 
@@ -66,8 +76,9 @@ def main() -> None:
     common = sets([f"evaluate.num_samples={args.n}", f"tune.final_seeds={args.final_seeds}", "tune.headline_extractor=null",
                    "mlflow.enabled=false", *args.extra])
     shared = out / "shared"
-    for stage in ("generate", "finetune", "evaluate"):
+    for stage in ("generate", "finetune", "diagnose", "evaluate"):
         neon_ray(stage, str(CONFIG), "--output", str(shared), *common)
+    diagnosis = json.loads((shared / "diagnose" / "manifest.json").read_text())["metrics"]
     rows = []
     for name, overrides in searches(args.n).items():
         if args.only and name not in args.only:
@@ -84,11 +95,15 @@ def main() -> None:
         row = {"search": name, "trials": len(m["trials"]), "images": m["images_scored"], "seconds": wall, "w": m["best_w"],
                "gamma": m["best_sampler"].get("guidance"), "fid": m["best_fid"], "n": m["best_n"],
                "base": base["fid"], "base_gamma": base["sampler"].get("guidance"), "floor": base["fid_floor"]}
+        if (prior := json.loads((where / "tune" / "manifest.json").read_text())["params"].get("prior")):
+            row["search"] += f" [{'bracket ' + ', '.join(f'{x:g}' for x in prior['used']) if prior['used'] else 'not used'}]"
         if final:
             row["rescored"] = f"{final['neon']['fid_mean']:.3f} ± {final['neon']['fid_sd']:.3f} vs base {final['base']['fid_mean']:.3f} ± {final['base']['fid_sd']:.3f}"
         rows.append(row)
     grid = next((r for r in rows if r["search"] == "grid (full n)"), None)
     rescored = any("rescored" in r for r in rows)
+    print(f"diagnosis: sign {diagnosis['sign']:+d}, bracket {diagnosis['bracket']}, cosine(g, −Δ) {diagnosis['cosine']:.3f}, "
+          f"loss argmin w {diagnosis['loss_argmin_w']:g}, {diagnosis['seconds']:.1f} s")
     print(f"n = {args.n}; FIDs at the full n on the shared evaluation seeds" + (f"; rescored on {args.final_seeds} fresh seed sets" if rescored else ""))
     print("| search | trials | images sampled + scored | % of grid | wall s | Neon pick (w, γ) | its FID at n | base at its best γ | floor at n |"
           + (" rescored |" if rescored else ""))

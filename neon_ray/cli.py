@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument("--version", action="version", version=f"neon-ray {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("run", help="pretrain (if needed) → generate → finetune → evaluate → tune, tracked in MLflow")
+    p = sub.add_parser("run", help="pretrain (if needed) → generate → finetune (→ diagnose) → evaluate → tune, tracked in MLflow")
     _add_common(p)
     for name, text in [
         ("pretrain", "train the built-in base model on the real training split (Ray Train)"),
@@ -36,11 +36,14 @@ def build_parser() -> argparse.ArgumentParser:
         ("finetune", "fine-tune θ_base on S with Ray Train + DeepSpeed → θ_ft"),
         ("evaluate", "FID of the base model (or --checkpoint) against the reference statistics"),
         ("tune", "Ray Tune over w and the sampler (tune.space): merge + score per trial and rung, then the rescored headline"),
+        ("diagnose", "predict the sign of a helpful w and a bracket for the search from held-out real data (g·Δ, the loss along the line)"),
     ]:
         p = sub.add_parser(name, help=text)
         _add_common(p)
         if name == "evaluate":
             p.add_argument("--checkpoint", help="evaluate this safetensors file instead of the base model")
+        if name == "diagnose":
+            p.add_argument("--json", action="store_true", help="print one JSON object (one line, the last line of stdout)")
     p = sub.add_parser("merge", help="write θ_neon = θ_base − w·(θ_ft − θ_base) as safetensors (streamed)")
     _add_common(p)
     p.add_argument("--base", help="θ_base safetensors (default: the run's base model)")
@@ -165,6 +168,8 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "show-config":
         print(to_yaml(cfg), end="")
         return 0
+    if args.command == "diagnose":
+        cfg.check_diagnose_data()  # held-out data: one line naming the field, before anything is set up
     if args.command in ("run", "finetune"):  # before anything is written: generation alone takes minutes
         from .runtime.deepspeed import check_deepspeed
 
@@ -198,8 +203,23 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "merge" and args.out:
         options["out"] = args.out
     manifest = pipeline.run_command(cfg, args.command, force=args.force, files=files, options=options)
+    if args.command == "diagnose":
+        return _print_diagnosis(manifest, args.json, time.time() - t0)
     print(json.dumps({"stage": manifest.stage, "metrics": manifest.metrics, "outputs": manifest.outputs,
                       "wall_seconds": round(time.time() - t0, 1)}, default=str))  # one line, like every --json
+    return 0
+
+
+def _print_diagnosis(manifest, as_json: bool, seconds: float) -> int:
+    from .diagnosis import describe
+
+    m = manifest.metrics
+    if as_json:  # the prediction at the top level, the whole manifest's metrics beside it; one line, last on stdout
+        print(json.dumps({k: m[k] for k in ("sign", "bracket", "cosine", "loss_argmin_w", "seconds", "bracket_open",
+                                              "g_dot_delta", "g_dot_delta_se")}
+                         | {"stage": manifest.stage, "metrics": m, "wall_seconds": round(seconds, 1)}, default=str))
+    else:
+        print(f"diagnose: {describe(m)}")
     return 0
 
 

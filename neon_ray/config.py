@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -193,6 +194,33 @@ class EvaluateConfig(ActorPool):
         return name
 
 
+class DiagnoseConfig(Section):
+    """`neon-ray diagnose`: g·Δ and the real-data loss along θ_base − w·Δ on held-out real data (neon_ray.diagnosis)."""
+
+    enabled: bool = Field(False, description="Also run the diagnose stage in `neon-ray run` (always on with tune.prior: diagnose; `neon-ray diagnose` runs it regardless).")
+    batches: int = Field(8, ge=2, description="Held-out batches (the standard errors are over batches).")
+    batch_size: int = Field(64, ge=1, description="Real images per batch.")
+    w_points: list[float] = Field(default_factory=lambda: [-1.0, -0.5, -0.25, 0.25, 0.5, 1.0, 1.5, 2.0],
+                                  description="The w at which the real-data loss L(θ_base − w·Δ) is computed (w = 0 is always added).")
+    seed: int = Field(2_000_003, description="Seed stream of the held-out rows and of each batch's noise, timesteps and tokens (the same for every θ).")
+    real_source: str | None = Field(None, description="A Parquet set (with labels for a class-conditional model) or image folder of real samples the base never trained on; null: the dataset's test split.")
+    workers: int = Field(0, ge=0, description="Ray tasks that share the batches (each loads θ_base and θ_ft); 0: in the driver process (small models). The result is the same for any count.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs (and torch threads, rounded) per diagnose task.")
+
+    OPERATIONAL: ClassVar[set[str]] = {"enabled", "workers", "cpus_per_worker"}
+
+    @model_validator(mode="after")
+    def _check_points(self) -> "DiagnoseConfig":
+        if not any(w != 0 for w in self.w_points):
+            raise FieldError("w_points", "needs at least one w ≠ 0 (w = 0 is always added)")
+        for i, w in enumerate(self.w_points):
+            if not math.isfinite(w):
+                raise FieldError(f"w_points[{i}]", f"must be finite, got {w}")
+            if w in self.w_points[:i]:
+                raise FieldError(f"w_points[{i}]", f"duplicate value {w}")
+        return self
+
+
 class SearchDimension(Section):
     """One searched field of `tune.space`: a list of values (`choice`) or a range (`low`, `high`, `scale`)."""
 
@@ -245,6 +273,7 @@ class TuneConfig(Section):
     cpus_per_trial: float = Field(0.01, gt=0, description="A trial only orchestrates; its sampling and features run in Ray Data actors with their own CPUs.")
     allow_negative_w: bool = False
     max_failures: int = Field(1, ge=0, description="Retries of a failed trial (Ray Tune's FailureConfig).")
+    prior: Literal["diagnose"] | None = Field(None, description="diagnose: the bracket searcher searches w over the diagnose stage's bracket instead of the configured range, and Optuna starts from it (clipped to the allowed w, said in one line); null: the configured range.")
 
     OPERATIONAL: ClassVar[set[str]] = {"max_concurrent_trials", "cpus_per_trial", "max_failures"}
 
@@ -334,6 +363,7 @@ class RunConfig(Section):
     merge: MergeConfig = Field(default_factory=MergeConfig)
     evaluate: EvaluateConfig = Field(default_factory=EvaluateConfig)
     tune: TuneConfig = Field(default_factory=TuneConfig)
+    diagnose: DiagnoseConfig = Field(default_factory=DiagnoseConfig)
 
     # Where the output goes, which Ray runs it and where MLflow records it never change what a stage computes.
     OPERATIONAL: ClassVar[set[str]] = {"output", "ray", "mlflow"}
@@ -359,6 +389,7 @@ class RunConfig(Section):
         # Ray workers run in other directories. Those written in a config file were already made absolute
         # against the file's folder by load_config.
         self.model.checkpoint = _resolve_local(self.model.checkpoint)
+        self.diagnose.real_source = _resolve_local(self.diagnose.real_source)
         if isinstance(self.model.options.get("vae"), str):  # a local folder, or a hub id (org/name) kept as it is
             self.model.options["vae"] = _resolve_local(self.model.options["vae"], keep_if_missing=True)
         return self
@@ -425,6 +456,27 @@ class RunConfig(Section):
         if self.tune.rungs and self.tune.rungs[-1] > self.evaluate.num_samples:
             raise ConfigError(f"tune.rungs[{len(self.tune.rungs) - 1}]: {self.tune.rungs[-1]} exceeds evaluate.num_samples="
                               f"{self.evaluate.num_samples} (the full n every result is reported at)")
+
+    @model_validator(mode="after")
+    def _check_diagnose_data(self) -> "RunConfig":
+        if self.diagnoses():
+            self.check_diagnose_data()
+        return self
+
+    def diagnoses(self) -> bool:
+        """Whether `neon-ray run` runs the diagnose stage: diagnose.enabled, or a tune prior that needs it."""
+        return self.diagnose.enabled or self.tune.prior == "diagnose"
+
+    def check_diagnose_data(self) -> None:
+        """Held-out real data for the diagnosis: diagnose.real_source, else the dataset's test split (one line if neither)."""
+        if self.diagnose.real_source:
+            return
+        from .data import get_dataset
+
+        dataset = get_dataset(self.data.name, self.data.path, self.data.download, options=self.data.options)
+        if "test" not in dataset.splits:
+            raise ConfigError(f"diagnose.real_source: dataset {self.data.name!r} has no held-out (test) split; set "
+                              "diagnose.real_source to a Parquet set or image folder of real samples the base never trained on")
 
     def search_rungs(self) -> list[int]:
         """The sample counts a trial is scored at: tune.rungs, else evaluate.num_samples alone."""
@@ -515,7 +567,8 @@ def build_config(data: dict, overrides: list[str] | None = None, output: str | N
 
 
 # Input paths a config file may give relative to itself (a VAE hub id such as org/name stays as it is).
-_INPUT_PATHS = (("model", "checkpoint"), ("model", "options", "vae"), ("data", "path"), ("evaluate", "reference_source"))
+_INPUT_PATHS = (("model", "checkpoint"), ("model", "options", "vae"), ("data", "path"), ("evaluate", "reference_source"),
+               ("diagnose", "real_source"))
 
 
 def shipped_configs() -> dict[str, Path]:

@@ -25,7 +25,7 @@ from .config import RunConfig, Section, fingerprint
 
 BASE = "base"
 # Config fields that name files or folders: their content identity (names, sizes, mtimes or etags) counts too.
-FILE_FIELDS = ("evaluate.reference", "evaluate.reference_source")
+FILE_FIELDS = ("evaluate.reference", "evaluate.reference_source", "diagnose.real_source")
 
 
 @dataclass(frozen=True)

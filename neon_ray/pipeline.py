@@ -1,7 +1,8 @@
 """The stage graph, and running it: `neon-ray run` and every single-stage command.
 
     pretrain ──► base ──► generate ──► finetune ──► tune
-                   │                       └──────► merge
+                   │                       ├──────► merge
+                   │                       └──────► diagnose ··► tune (with tune.prior: diagnose)
                    └────► evaluate
 
 `base` is θ_base: `model.checkpoint` when set (then pretrain is not part of the run), else the
@@ -32,7 +33,7 @@ from .context import StageContext
 from .errors import NeonError
 from .inputs import BASE, StageInputs, fingerprint_inputs
 from .manifest import Manifest, read_manifest
-from .stages import evaluate, finetune, generate, merge, pretrain, tune
+from .stages import diagnose, evaluate, finetune, generate, merge, pretrain, tune
 from .tracking import Tracker, redact
 
 log = logging.getLogger("neon_ray")
@@ -51,17 +52,24 @@ class Stage:
     def needs(self) -> tuple[str, ...]:  # dependencies: BASE or other stages
         return self.inputs.needs
 
+    def inputs_for(self, cfg: RunConfig) -> StageInputs:
+        """What the stage reads under this config: INPUTS, or the module's `inputs_for(cfg)` where what it reads
+        depends on the config (tune reads the diagnosis only with tune.prior: diagnose)."""
+        of = getattr(self.module, "inputs_for", None)
+        return of(cfg) if of is not None else self.inputs
+
 
 GRAPH: dict[str, Stage] = {s.name: s for s in (
     Stage("pretrain", pretrain), Stage("generate", generate), Stage("finetune", finetune),
-    Stage("evaluate", evaluate), Stage("tune", tune), Stage("merge", merge),
+    Stage("evaluate", evaluate), Stage("tune", tune), Stage("merge", merge), Stage("diagnose", diagnose),
 )}
-PIPELINE = ("pretrain", "generate", "finetune", "evaluate", "tune")
+PIPELINE = ("pretrain", "generate", "finetune", "diagnose", "evaluate", "tune")
 
 
 def plan(cfg: RunConfig) -> list[str]:
-    """The stages of `neon-ray run`, in order (no pretrain when a base checkpoint is given)."""
-    return [name for name in PIPELINE if name != "pretrain" or not cfg.model.checkpoint]
+    """The stages of `neon-ray run`, in order (no pretrain when a base checkpoint is given; diagnose when
+    diagnose.enabled or tune.prior: diagnose)."""
+    return [name for name in PIPELINE if (name != "pretrain" or not cfg.model.checkpoint) and (name != "diagnose" or cfg.diagnoses())]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -79,8 +87,9 @@ def dependency_hash(cfg: RunConfig, dependency: str, files: dict[str, str] | Non
 
 def hashes(cfg: RunConfig, name: str, files: dict[str, str] | None = None, options: dict | None = None) -> tuple[dict[str, str], str]:
     """(its upstream's hashes, its own) for stage `name`: the fingerprint of what it reads (neon_ray.inputs)."""
-    upstream = {dep: dependency_hash(cfg, dep, files) for dep in GRAPH[name].needs}
-    return upstream, fingerprint_inputs(cfg, name, GRAPH[name].inputs, upstream, options)
+    inputs = GRAPH[name].inputs_for(cfg)
+    upstream = {dep: dependency_hash(cfg, dep, files) for dep in inputs.needs}
+    return upstream, fingerprint_inputs(cfg, name, inputs, upstream, options)
 
 
 def stage_hash(cfg: RunConfig, name: str, files: dict[str, str] | None = None, options: dict | None = None) -> str:
@@ -103,14 +112,14 @@ def context(cfg: RunConfig, name: str, files: dict[str, str] | None = None, opti
     given = dict(files or {})
     upstream_hashes, config_hash = hashes(cfg, name, given, options)
     inputs, upstream = dict(given), {}
-    for dep in stage.needs:
+    for dep in stage.inputs_for(cfg).needs:
         if dep in inputs:
             continue
         if dep == BASE:
             inputs[BASE] = cfg.model.checkpoint or require(cfg, "pretrain").uri(cfg.output, "model")
         else:
             upstream[dep] = require(cfg, dep)
-    reusable = {other: man for other in stage.inputs.reuses if (man := read_manifest(cfg.output, other)) is not None}
+    reusable = {other: man for other in stage.inputs_for(cfg).reuses if (man := read_manifest(cfg.output, other)) is not None}
     return StageContext(cfg=cfg, name=name, config_hash=config_hash, upstream_hashes=upstream_hashes, upstream=upstream,
                         files=inputs, options=dict(options or {}), reusable=reusable)
 
@@ -232,7 +241,10 @@ def _summary(cfg: RunConfig, m: dict[str, Manifest], seconds: dict[str, float], 
         "n_synthetic": gen["n_synthetic"],
         "finetune_images": ft["finetune_images"],
         "extra_compute_fraction": ft["extra_compute_fraction"],
-        "search": {**{k: m["tune"].params.get(k) for k in ("search", "scheduler", "rungs", "space", "final_seeds")},
+        "compute": _compute(cfg, m),  # the extra-compute fraction three ways, image-equivalents and seconds per stage
+        "diagnosis": {k: m["diagnose"].metrics[k] for k in ("sign", "bracket", "bracket_open", "cosine", "g_dot_delta",
+                                                            "g_dot_delta_se", "loss_argmin_w", "seconds")} if "diagnose" in m else None,
+        "search": {**{k: m["tune"].params.get(k) for k in ("search", "scheduler", "rungs", "space", "final_seeds", "prior")},
                    "trials": len(tu["trials"]), "images_scored": tu.get("images_scored")},
         "trials": tu["trials"],
         "stage_seconds": seconds,
@@ -241,6 +253,40 @@ def _summary(cfg: RunConfig, m: dict[str, Manifest], seconds: dict[str, float], 
         "registered_model": {k: m["tune"].params[f"registered_{k}"] for k in ("model", "version")}
         if "registered_model" in m["tune"].params else None,
         "mlflow_ui": tracker.ui_hint(),
+    }
+
+
+def _compute(cfg: RunConfig, m: dict[str, Manifest]) -> dict:
+    """What each stage cost, in training image-equivalents (neon_ray.cost) and measured wall seconds, and the extra
+    compute three ways relative to the base's training: the fine-tune alone, + generating S, + the search (its
+    trials, the base's evaluation, the rescored headline and the diagnosis)."""
+    from .cost import fractions, sampling_equivalents
+
+    ev, tu, ft, gen = m["evaluate"].metrics, m["tune"].metrics, m["finetune"].metrics, m["generate"].metrics
+    scoring = cfg.scoring_sampler().model_dump()
+    search = sum(sampling_equivalents(t.get("n") or 0, scoring | t.get("sampler", {})) for t in tu["trials"])
+    search += sampling_equivalents(ev["n"], scoring)
+    if (final := tu.get("final")):
+        for pick in ("base", "neon"):
+            search += sampling_equivalents(final[pick].get("n", ev["n"]) * len(final[pick].get("fids", [])),
+                                           scoring | (final[pick].get("sampler") or {}))
+    if "diagnose" in m:
+        d = m["diagnose"].metrics  # a forward + backward (3 passes) and a forward per w ≠ 0, per held-out sample
+        search += d["images"] * (3 + len(d["losses"]) - 1) / 3
+    equivalents = {"finetune": float(ft["finetune_images"]), "generate": sampling_equivalents(gen["n_synthetic"], cfg.sampler),
+                   "search": search}
+    seconds = {name: man.wall_seconds for name, man in m.items()}
+    base_seconds = seconds.get("pretrain")  # the base's training measured here (none for an imported checkpoint)
+    search_seconds = sum(seconds.get(k, 0.0) for k in ("evaluate", "tune", "diagnose"))
+    return {
+        "base_train_images": ft.get("base_train_images"),
+        "image_equivalents": {k: round(v, 1) for k, v in equivalents.items()},
+        "extra_compute_fraction": fractions(ft.get("base_train_images"), *equivalents.values()),
+        "seconds": seconds,
+        "seconds_fraction": {"finetune": seconds["finetune"] / base_seconds,
+                             "with_generation": (seconds["finetune"] + seconds["generate"]) / base_seconds,
+                             "with_search": (seconds["finetune"] + seconds["generate"] + search_seconds) / base_seconds}
+        if base_seconds else None,
     }
 
 

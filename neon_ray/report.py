@@ -281,6 +281,19 @@ def print_summary(summary: dict, output: str) -> None:
     print(f"|S| = {summary['n_synthetic']}, fine-tune images = {summary['finetune_images']}, "
           f"extra compute = {_pct(summary.get('extra_compute_fraction'), 2)} of the base's training")
     print("stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in summary["stage_seconds"].items()))
+    if (compute := summary.get("compute")) and compute["extra_compute_fraction"]["finetune"] is not None:
+        f = compute["extra_compute_fraction"]
+        print(f"extra compute, in training image-equivalents of the base's {compute['base_train_images']:,}: fine-tune "
+              f"{_pct(f['finetune'], 2)}, + generating S {_pct(f['with_generation'], 2)}, + the search {_pct(f['with_search'], 2)}")
+    if compute and compute.get("seconds_fraction"):
+        f = compute["seconds_fraction"]
+        print(f"in wall seconds of the base's pretraining here: fine-tune {_pct(f['finetune'])}, + generating S "
+              f"{_pct(f['with_generation'])}, + the search {_pct(f['with_search'])}")
+    if (d := summary.get("diagnosis")):
+        print(f"diagnosis: sign {d['sign']:+d}, bracket [{d['bracket'][0]:g}, {d['bracket'][1]:g}], cosine(g, −Δ) {d['cosine']:.3f}, "
+              f"loss argmin w {d['loss_argmin_w']:g} ({d['seconds']:.1f} s)")
+    if (prior := (summary.get("search") or {}).get("prior")):
+        print(prior["note"])
     print(f"best model: {storage.redact_uri(storage.resolve(output, summary['best_model']))}")
     if summary.get("registered_model"):
         print(f"registered: {summary['registered_model']['model']} version {summary['registered_model']['version']} (MLflow Model Registry)")

@@ -27,7 +27,7 @@ from .errors import NeonError
 from .manifest import read_manifest
 from .tracking import DB_NAME, STATE_FILE, TRIAL_GRID, redact, trial_key_of_params
 
-STAGES = ("pretrain", "generate", "finetune", "evaluate", "tune", "merge")
+STAGES = ("pretrain", "generate", "finetune", "diagnose", "evaluate", "tune", "merge")
 HEADLINE = ("fid_base", "fid_neon", "fid_base_sd", "fid_neon_sd", "best_w", "best_sampler", "base_best_sampler", "n_eval",
             "fid_floor")
 
@@ -56,6 +56,8 @@ def review(output: str) -> dict[str, Any]:
         "stages": {name: {"seconds": m.wall_seconds, "finished_at": m.finished_at, "neon_ray_version": m.neon_ray_version}
                    for name, m in manifests.items()},
         "search": {k: tune.params.get(k) for k in ("search", "scheduler", "rungs", "space")} if tune else None,
+        "diagnosis": {k: v for k, v in manifests["diagnose"].metrics.items() if k not in ("losses", "loss_at")}
+        if "diagnose" in manifests else None,
         "trials": trials,
         "headline": _headline(summary, tune),
         "registered_model": registered,

@@ -22,14 +22,15 @@ ALL = frozenset(GRAPH)
 NONE: frozenset[str] = frozenset()
 PRETRAIN = frozenset({"pretrain"})
 MODEL = ALL  # what builds or reads the model: every stage but merge, and merge is downstream of finetune
-BASE_READERS = frozenset({"generate", "finetune", "evaluate", "tune", "merge"})  # θ_base and what follows it
-SYNTHETIC = frozenset({"generate", "finetune", "tune", "merge"})  # S and what is computed from it
+BASE_READERS = frozenset({"generate", "finetune", "evaluate", "tune", "merge", "diagnose"})  # θ_base and what follows it
+SYNTHETIC = frozenset({"generate", "finetune", "tune", "merge", "diagnose"})  # S and what is computed from it
 SAMPLING = SYNTHETIC | {"evaluate"}  # how images are drawn, for S and for scoring
-FINETUNE = frozenset({"finetune", "tune", "merge"})
+FINETUNE = frozenset({"finetune", "tune", "merge", "diagnose"})
 SCORING = frozenset({"evaluate", "tune"})
-DATA = frozenset({"pretrain", "evaluate", "tune"})  # the data's content: training and the reference
+DATA = frozenset({"pretrain", "evaluate", "tune", "diagnose"})  # the data's content: training, the reference, the held-out set
 TUNE = frozenset({"tune"})
 MERGE = frozenset({"merge"})
+DIAGNOSE = frozenset({"diagnose"})  # tune reads the diagnosis only with tune.prior: diagnose (test_the_tune_prior_...)
 
 # The walk starts from the toy config with a base checkpoint (so pretrain does not feed every stage) and a few
 # settings that let every other field change alone and stay valid (rungs for ASHA, a positive w grid, ZeRO 2 for
@@ -145,6 +146,15 @@ def changes(tmp: Path) -> dict[str, tuple[object, frozenset[str]]]:
         "tune.cpus_per_trial": (0.1, NONE),
         "tune.allow_negative_w": (False, TUNE),  # also names which trials may be reused
         "tune.max_failures": (3, NONE),
+        "tune.prior": ("diagnose", TUNE),
+        "diagnose.enabled": (True, NONE),
+        "diagnose.batches": (4, DIAGNOSE),
+        "diagnose.batch_size": (32, DIAGNOSE),
+        "diagnose.w_points": ([0.5, 1.0], DIAGNOSE),
+        "diagnose.seed": (5, DIAGNOSE),
+        "diagnose.real_source": (str(folder), DIAGNOSE),
+        "diagnose.workers": (2, NONE),  # the same result for any count
+        "diagnose.cpus_per_worker": (0.5, NONE),
     }
 
 
@@ -190,6 +200,14 @@ def test_changing_a_field_reruns_exactly_the_stages_that_read_it(walk):
         if rerun != expected:
             wrong[path] = {"reran": sorted(rerun), "expected": sorted(expected)}
     assert not wrong, json.dumps(wrong, indent=1)
+
+
+def test_the_tune_prior_makes_the_search_read_the_diagnosis(walk):
+    """With tune.prior: diagnose, what changes the diagnosis reruns the search too (its range is the diagnosed bracket)."""
+    tmp, start, _ = walk
+    before = _hashes(start, "tune.prior=diagnose", output=tmp / "out")
+    after = _hashes(start, "tune.prior=diagnose", "diagnose.batches=4", output=tmp / "out")
+    assert {n for n in GRAPH if after[n] != before[n]} == {"diagnose", "tune"}
 
 
 def test_the_content_of_data_and_reference_folders_counts(walk):

@@ -30,8 +30,11 @@ log = logging.getLogger("neon_ray")
 
 
 def run_search(cfg: RunConfig, base: str, finetuned: str, tune_dir: str, trial_hash: str, name: str, tracker=None,
-               parent_run: str | None = None, fresh: bool = False, donors: tuple[str, ...] = ()) -> list[dict]:
-    """Run (or resume) the search; returns one entry per distinct trial config: its rung results, best rung last."""
+               parent_run: str | None = None, fresh: bool = False, donors: tuple[str, ...] = (),
+               prior: tuple[float, float] | None = None) -> list[dict]:
+    """Run (or resume) the search; returns one entry per distinct trial config: its rung results, best rung last.
+    `donors`: sample folders the base arm may copy from (trainable.neon_trial); `prior`: the w bracket to start from
+    (`tune.prior`, see searchers.make_search)."""
     from ray import tune
 
     t = cfg.tune
@@ -47,7 +50,7 @@ def run_search(cfg: RunConfig, base: str, finetuned: str, tune_dir: str, trial_h
     try:
         if fresh:
             storage.remove(storage.join(tune_dir, "ray", name))
-        search_alg, space, num_samples = make_search(cfg)
+        search_alg, space, num_samples = make_search(cfg, prior)
         if not fresh and tune.Tuner.can_restore(experiment, storage_filesystem=where.get("storage_filesystem")):
             log.info("tune: resuming the search stored at %s", storage.redact_uri(storage.join(tune_dir, "ray", name)))
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,

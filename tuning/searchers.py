@@ -189,8 +189,10 @@ class BaseArmASHA(ASHAScheduler):
         return action
 
 
-def make_search(cfg: RunConfig) -> tuple[object | None, dict, int]:
-    """(search_alg or None for the grid, param_space, num_samples) for `tune.search`."""
+def make_search(cfg: RunConfig, prior: tuple[float, float] | None = None) -> tuple[object | None, dict, int]:
+    """(search_alg or None for the grid, param_space, num_samples) for `tune.search`. `prior`: a w bracket (the
+    diagnosis's, already clipped to the allowed w) the bracket searcher searches instead of the configured range and
+    Optuna evaluates first (its ends and middle, within the configured range); the grid ignores it."""
     t = cfg.tune
     rungs = len(cfg.search_rungs())
     if t.search == "grid":
@@ -202,11 +204,32 @@ def make_search(cfg: RunConfig) -> tuple[object | None, dict, int]:
 
         startup = max(3, min(10, t.num_trials // 3))  # random trials before TPE models the space
         sampler = TPESampler(seed=cfg.seed, n_startup_trials=startup)
-        return OptunaSearch(space=OptunaSpace(cfg), metric="fid", mode="min", sampler=sampler), {}, t.num_trials
+        points = prior_points(cfg, prior) if prior else None
+        return (OptunaSearch(space=OptunaSpace(cfg), metric="fid", mode="min", sampler=sampler, points_to_evaluate=points), {},
+                t.num_trials)
     settings = choice_settings(cfg)
     with_base = searches_base(t)
-    search = BracketSearch(settings, w.low, w.high, t.bracket_steps, rungs, log=w.scale == "log", with_base=with_base)
+    low, high = prior or (w.low, w.high)
+    search = BracketSearch(settings, low, high, t.bracket_steps, rungs, log=w.scale == "log", with_base=with_base)
     return search, {}, BracketSearch.trials_needed(len(settings), t.bracket_steps, with_base)
+
+
+def prior_points(cfg: RunConfig, prior: tuple[float, float]) -> list[dict]:
+    """Optuna's first trials: the prior bracket's ends and middle, as points of the Neon arm inside the configured w range."""
+    from .spaces import ARM
+
+    w = cfg.tune.w_dimension()
+    lo, hi = (w.low, w.high) if w.is_range else (min(w.choice), max(w.choice))
+    points = []
+    for x in (prior[0], (prior[0] + prior[1]) / 2, prior[1]):
+        x = min(max(float(x), lo), hi)
+        if w.is_range and x not in [p[W] for p in points]:
+            points.append({W: x})
+        elif not w.is_range:  # a choice list: the nearest choice
+            x = float(min(w.choice, key=lambda c: abs(float(c) - x)))
+            if x not in [p[W] for p in points]:
+                points.append({W: x})
+    return [({ARM: "neon"} if searches_base(cfg.tune) else {}) | p for p in points]
 
 
 def make_scheduler(cfg: RunConfig):

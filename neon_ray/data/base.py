@@ -27,6 +27,7 @@ class Dataset(ABC):
     sample_shape: ClassVar[tuple[int, ...]]
     num_classes: ClassVar[int]
     kind: ClassVar[str] = "image"  # a key of neon_ray.data.codec.CODECS
+    splits: ClassVar[tuple[str, ...]] = ("train", "test")  # a dataset without a held-out split declares ("train",)
 
     def __init__(self, path: str | None = None, download: bool = True, options: dict[str, Any] | None = None):
         self.path = path

@@ -34,6 +34,12 @@ TRIAL_INPUTS = StageInputs(fields=("model.family", "model.preset", "model.option
 # `seed`: Optuna's sampler seed. The base arm at the scoring sampler samples what the evaluate stage sampled: it takes
 # those samples over (each part checked to be the same samples) instead of drawing them again.
 INPUTS = TRIAL_INPUTS | StageInputs(fields=("seed", "tune"), reuses=("evaluate",))
+# With tune.prior: diagnose the search's range is the diagnosis's bracket: a changed diagnosis reruns the search.
+PRIOR_INPUTS = INPUTS | StageInputs(needs=("diagnose",))
+
+
+def inputs_for(cfg: RunConfig) -> StageInputs:
+    return PRIOR_INPUTS if cfg.tune.prior == "diagnose" else INPUTS
 
 
 def run(section: TuneConfig, ctx: StageContext) -> Manifest:
@@ -51,8 +57,9 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
 
     reference = reference_statistics(cfg)  # computed once on the driver, read by every trial
     donors = tuple(m.uri(cfg.output, "samples") for m in ctx.reusable.values() if "samples" in m.outputs)
+    prior = prior_of(cfg, ctx.upstream["diagnose"].metrics) if section.prior == "diagnose" else None
     trials = run_search(cfg, base, finetuned, rec.dir, trial_hash, f"tune-{ctx.config_hash}", ctx.tracker, ctx.run_id,
-                        fresh=ctx.force, donors=donors)
+                        fresh=ctx.force, donors=donors, prior=tuple(prior["used"]) if prior and prior["used"] else None)
     best, best_base = pick(trials, "neon"), pick(trials, "base")
     if best is None:
         raise NeonError("tune: no Neon trial (w > 0) finished; check tune.space.w / tune.w_grid")
@@ -78,7 +85,8 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
                    "images_scored": sum(t["rungs"][-1]["n"] for t in trials)}
     rec.params = {"search": section.search, "scheduler": section.scheduler, "rungs": cfg.search_rungs(),
                   "space": {k: v.model_dump(exclude_none=True) for k, v in section.space.items()} or {"w": list(section.w_grid)},
-                  "final_seeds": section.final_seeds, "max_concurrent_trials": section.max_concurrent_trials}
+                  "final_seeds": section.final_seeds, "max_concurrent_trials": section.max_concurrent_trials,
+                  **({"prior": prior} if prior else {})}
     if ctx.tracker is not None and ctx.tracker.enabled:
         with tempfile.TemporaryDirectory(prefix="neon-trial-grids-") as tmp:
             grids = _trial_grids(cfg, rows, tmp)
@@ -95,6 +103,34 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
                            "registered_alias": registered["alias"], "registered_trial_run": registered["trial_run_id"],
                            "registered_uri": registered["path"]}
     return rec.finish()
+
+
+def prior_of(cfg: RunConfig, diagnosis: dict) -> dict:
+    """The w range the search starts from under tune.prior: diagnose: the diagnosed bracket (an open one reaching at
+    least the configured range's far end), clipped to the allowed w (w > 0 unless tune.allow_negative_w; > 0 on a log
+    scale), or None (`used`) when the diagnosis abstained or predicts only w the search may not take; `note` says
+    which, in one line (logged)."""
+    t = cfg.tune
+    w = t.w_dimension()
+    lo, hi = (float(x) for x in diagnosis["bracket"])
+    configured = (w.low, w.high) if w.is_range else (min(w.choice), max(w.choice))
+    positive_only = not t.allow_negative_w or w.scale == "log"
+    if diagnosis.get("bracket_open"):  # the loss still fell at the last w point: reach at least as far as the configured range
+        lo, hi = (lo, max(hi, configured[1])) if diagnosis["sign"] > 0 else (min(lo, configured[0]), hi)
+    used, note = (lo, hi), f"tune.prior: searching w over the diagnosed bracket [{lo:g}, {hi:g}] (configured: [{configured[0]:g}, {configured[1]:g}])"
+    if t.search == "grid":
+        used, note = None, "tune.prior: the grid searcher scores its grid as configured (the prior steers bracket and optuna only)"
+    elif diagnosis["sign"] == 0:
+        used, note = None, "tune.prior: the diagnosis abstained (g·Δ within two standard errors of 0); searching the configured range"
+    elif positive_only and hi <= 0:
+        used, note = None, (f"tune.prior: the diagnosis predicts w < 0 (bracket [{lo:g}, {hi:g}]) but the search takes only w > 0 "
+                            "(tune.allow_negative_w: false); searching the configured range")
+    elif positive_only and lo <= 0:
+        floor = configured[0] if 0 < configured[0] < hi else hi / 4
+        used, note = (floor, hi), f"tune.prior: the diagnosed bracket [{lo:g}, {hi:g}] clipped to the allowed w > 0: [{floor:g}, {hi:g}]"
+    log.info(note)
+    return {"source": "diagnose", "bracket": [float(x) for x in diagnosis["bracket"]], "sign": diagnosis["sign"],
+            "used": list(used) if used else None, "note": note}
 
 
 def _trial_grids(cfg: RunConfig, rows: list[dict], tmp: str) -> dict[str, str]:
