@@ -15,5 +15,5 @@ def load_plugin(path: str, field: str, base: type, what: str) -> type:
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"{field}: cannot import {what} plugin {path!r} ({exc})") from None
     if not (isinstance(obj, type) and issubclass(obj, base)):
-        raise ConfigError(f"{field}: {what} plugin {path!r} is not a {base.__module__}.{base.__name__} subclass")
+        raise ConfigError(f"{field}: {what} plugin {path!r} is not a {base.__name__} subclass ({base.__module__}.{base.__name__})")
     return obj

@@ -178,7 +178,8 @@ def test_the_diagnose_command_prints_one_json_line_and_records_the_stage(tmp_pat
     sets = [f"model.checkpoint={tiny_checkpoint}", "diagnose.batches=3", "diagnose.batch_size=16", "diagnose.w_points=[-0.5,0.5,1.0]"]
     _hand_made_finetune(tiny_config(out, *sets), tiny_checkpoint, tmp_path)
     args = ["diagnose", str(TINY), "--output", str(out), *[a for s in sets for a in ("--set", s)]]
-    res = neon_ray_inprocess(*args, "--json")
+    # the output's own store, whatever an earlier test of this process left in MLFLOW_TRACKING_URI
+    res = neon_ray_inprocess(*args, "--json", env={"MLFLOW_TRACKING_URI": ""})
     assert res.returncode == 0, res.stderr
     last = res.stdout.strip().splitlines()[-1]
     d = json.loads(last)
@@ -192,7 +193,7 @@ def test_the_diagnose_command_prints_one_json_line_and_records_the_stage(tmp_pat
     runs = client.search_runs([client.get_experiment_by_name("neon-ray").experiment_id], "tags.stage = 'diagnose'")
     assert len(runs) == 1 and runs[0].data.metrics["sign"] == d["sign"] and runs[0].data.metrics["cosine"] == pytest.approx(d["cosine"])
     assert {"bracket_lo", "bracket_hi", "g_dot_delta", "loss_at.0.5"} <= set(runs[0].data.metrics)
-    again = neon_ray_inprocess(*args)  # current: skipped (the manifest is not rewritten); the human line
+    again = neon_ray_inprocess(*args, env={"MLFLOW_TRACKING_URI": ""})  # current: skipped (the manifest is not rewritten); the human line
     assert again.returncode == 0 and json.loads((out / "diagnose" / "manifest.json").read_text()) == manifest
     assert again.stdout.strip().splitlines()[-1].startswith(f"diagnose: sign {d['sign']:+d}"), again.stdout
 
