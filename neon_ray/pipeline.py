@@ -48,10 +48,6 @@ class Stage:
     def inputs(self) -> StageInputs:
         return self.module.INPUTS
 
-    @property
-    def needs(self) -> tuple[str, ...]:  # dependencies: BASE or other stages
-        return self.inputs.needs
-
     def inputs_for(self, cfg: RunConfig) -> StageInputs:
         """What the stage reads under this config: INPUTS, or the module's `inputs_for(cfg)` where what it reads
         depends on the config (tune reads the diagnosis only with tune.prior: diagnose)."""
@@ -85,9 +81,10 @@ def dependency_hash(cfg: RunConfig, dependency: str, files: dict[str, str] | Non
     return stage_hash(cfg, dependency)
 
 
-def hashes(cfg: RunConfig, name: str, files: dict[str, str] | None = None, options: dict | None = None) -> tuple[dict[str, str], str]:
+def hashes(cfg: RunConfig, name: str, files: dict[str, str] | None = None, options: dict | None = None,
+           inputs: StageInputs | None = None) -> tuple[dict[str, str], str]:
     """(its upstream's hashes, its own) for stage `name`: the fingerprint of what it reads (neon_ray.inputs)."""
-    inputs = GRAPH[name].inputs_for(cfg)
+    inputs = inputs or GRAPH[name].inputs_for(cfg)
     upstream = {dep: dependency_hash(cfg, dep, files) for dep in inputs.needs}
     return upstream, fingerprint_inputs(cfg, name, inputs, upstream, options)
 
@@ -108,18 +105,18 @@ def require(cfg: RunConfig, name: str) -> Manifest:
 
 def context(cfg: RunConfig, name: str, files: dict[str, str] | None = None, options: dict | None = None) -> StageContext:
     """Everything stage `name` needs: its hash and its inputs (upstream stages must be current)."""
-    stage = GRAPH[name]
+    reads = GRAPH[name].inputs_for(cfg)
     given = dict(files or {})
-    upstream_hashes, config_hash = hashes(cfg, name, given, options)
+    upstream_hashes, config_hash = hashes(cfg, name, given, options, reads)
     inputs, upstream = dict(given), {}
-    for dep in stage.inputs_for(cfg).needs:
+    for dep in reads.needs:
         if dep in inputs:
             continue
         if dep == BASE:
             inputs[BASE] = cfg.model.checkpoint or require(cfg, "pretrain").uri(cfg.output, "model")
         else:
             upstream[dep] = require(cfg, dep)
-    reusable = {other: man for other in stage.inputs_for(cfg).reuses if (man := read_manifest(cfg.output, other)) is not None}
+    reusable = {other: man for other in reads.reuses if (man := read_manifest(cfg.output, other)) is not None}
     return StageContext(cfg=cfg, name=name, config_hash=config_hash, upstream_hashes=upstream_hashes, upstream=upstream,
                         files=inputs, options=dict(options or {}), reusable=reusable)
 

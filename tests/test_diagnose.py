@@ -14,7 +14,7 @@ import math
 import pytest
 import torch
 
-from _support import ROOT, TINY, neon_ray_inprocess, tiny_config
+from _support import ROOT, TINY, assert_imports_no_distributed_stack, neon_ray_inprocess, tiny_config
 from neon_ray.config import load_config
 from neon_ray.diagnosis import bracket_of, diagnose
 from neon_ray.errors import NeonError
@@ -54,13 +54,7 @@ def _mean_gradient(family, net, batches, seeds) -> dict[str, torch.Tensor]:
 
 
 def test_the_diagnosis_math_imports_no_distributed_stack():
-    import subprocess
-    import sys
-
-    code = ("import sys, neon_ray.diagnosis, neon_ray.cost;"
-            "bad=[m for m in ('ray','deepspeed','mlflow') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert_imports_no_distributed_stack("neon_ray.diagnosis", "neon_ray.cost")
 
 
 @pytest.mark.parametrize("direction", [+1, -1])

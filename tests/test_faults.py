@@ -1,7 +1,7 @@
 """Fault drills on the tiny config (benchmarks/fault_drills.py runs the same at any size and prints the table):
 kill -9 a sampling actor mid-generate, a Ray Train worker mid-finetune, a Tune trial mid-tune, and the driver
-mid-finetune followed by the same command again. Every run completes, and S, θ_base, θ_ft and the FID table
-match an undisturbed run of the same config (the session's `undisturbed_tiny_run`, which test_e2e checks too): determinism and fault tolerance checked together."""
+mid-finetune followed by the same command again. Every run completes, and S, θ_ft and the FID table
+match an undisturbed run of the same config (the disturbed runs start from its θ_base: no drill kills the pretrain) (the session's `undisturbed_tiny_run`, which test_e2e checks too): determinism and fault tolerance checked together."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from _support import TINY, fault_drills
 def test_every_drill_recovers_with_identical_outputs(tmp_path, undisturbed_tiny_run):
     drills = fault_drills()
     clean, outcome, sets = undisturbed_tiny_run
-    rows = drills.drills(TINY, tmp_path, sets, undisturbed=(clean, outcome))
+    rows = drills.drills(TINY, tmp_path, sets, undisturbed=(clean, outcome), from_its_base=True)
     assert [r["drill"] for r in rows][:3] == [k.name for k in drills.standard_kills()]
     for row in rows:
         assert row["killed"], f"{row['drill']}: the drill found nothing to kill"

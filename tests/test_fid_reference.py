@@ -258,8 +258,9 @@ def test_cli_imported_reference_is_used_and_other_spaces_refused(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fid_sets(tmp_path_factory):
+def fid_sets(tmp_path_factory, reference_cache):
     root = tmp_path_factory.mktemp("fidsets")
+    (root / "refcache").symlink_to(reference_cache)  # the session's: the 10k-image test-split reference is made once
     x, y = get_dataset("fashion_mnist").load("train")
     parquet = _parquet_set(root / "samples", x[:120], y[:120])
     folder = _folder(root / "folder", {f"img/{i:03d}.png": x[200 + i, 0] for i in range(60)})
@@ -273,7 +274,7 @@ def _fid_json(root: Path, samples: Path, *extra: str) -> dict:
     return json.loads(proc.stdout)  # exactly one JSON object on stdout
 
 
-@pytest.mark.slow  # ~40 s: computes the 10k-image reference of the test split first
+@pytest.mark.slow  # ~40 s when it computes the 10k-image reference of the test split first (the session's cache may hold it)
 def test_cli_fid_json_on_parquet(fid_sets):
     root, parquet, _ = fid_sets
     r = _fid_json(root, parquet, "--num-shards", "3")

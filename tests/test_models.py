@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 
+from _support import assert_imports_no_distributed_stack
 from neon_ray.errors import NeonError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.base import check_state_dict
@@ -15,10 +13,8 @@ from neon_ray.runtime.seeds import balanced_labels, sample_seeds
 
 
 def test_model_math_imports_no_distributed_stack():
-    code = ("import sys, neon_ray.models.diffusion, neon_ray.merge, neon_ray.fid.classifier, neon_ray.fid.stats, neon_ray.train_math;"
-            "bad=[m for m in ('ray','deepspeed','mlflow') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert_imports_no_distributed_stack("neon_ray.models.diffusion", "neon_ray.merge", "neon_ray.fid.classifier", "neon_ray.fid.stats",
+                                        "neon_ray.train_math")
 
 
 @pytest.fixture

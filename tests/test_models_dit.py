@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _support import assert_imports_no_distributed_stack
 from neon_ray.errors import ConfigError, NeonError
 from neon_ray.models import ModelSpec, get_family
 from neon_ray.models.checkpoint import load_checkpoint
@@ -50,10 +49,8 @@ def official_dit_layout(depth: int, width: int, patch: int, in_channels: int, nu
 
 
 def test_new_model_modules_import_no_distributed_stack_nor_diffusers():
-    code = ("import sys, neon_ray.models.dit, neon_ray.models.edm, neon_ray.models.flow, neon_ray.models.latent, neon_ray.models.diffusion;"
-            "bad=[m for m in ('ray','deepspeed','mlflow','diffusers') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert out.returncode == 0, out.stdout + out.stderr
+    assert_imports_no_distributed_stack("neon_ray.models.dit", "neon_ray.models.edm", "neon_ray.models.flow", "neon_ray.models.latent",
+                                        "neon_ray.models.diffusion")
 
 
 def xl2_family():

@@ -42,10 +42,11 @@ def test_plugin_that_is_not_a_family_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_out_of_tree_family_runs_the_whole_pipeline(tmp_path):
+def test_out_of_tree_family_runs_the_whole_pipeline(tmp_path, reference_cache):
     out = tmp_path / "run"
     proc = neon_ray_cli("run", str(TINY), "--output", str(out), "--set", f"model.family={PLUGIN}", "--set", "model.preset=tiny",
                         "--set", "sampler={steps: 3, guidance: 2.0}", "--set", "mlflow.enabled=false",
+                        "--set", f"evaluate.reference_cache={reference_cache}",
                         env=_env(PLUGIN_DIR), timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())

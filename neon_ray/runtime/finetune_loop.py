@@ -20,6 +20,22 @@ from .progress import Progress
 from .seeds import derive_seed
 
 
+@contextlib.contextmanager
+def without_build_notice():
+    """DeepSpeed prints "... shm_comm_op built successfully" (a bare print) each time its comm backend starts. Ray
+    Train's workers turn print into a root-logger record (RAY_TRAIN_ENABLE_PRINT_PATCH) besides the stream, so both
+    are held back here; anything else printed or logged meanwhile passes."""
+    drop = logging.Filter()
+    drop.filter = lambda record: "built successfully" not in record.getMessage()
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.removeFilter(drop)
+
+
 def finetune_loop(loop_cfg: dict) -> None:
     """Runs on every Ray Train worker: DeepSpeed over this worker's share of S, resuming from the latest checkpoint."""
     import ray.train
@@ -36,8 +52,7 @@ def finetune_loop(loop_cfg: dict) -> None:
         # torch's extension loader warns "No CUDA runtime is found" on a machine with a CUDA toolkit but no GPU: a CPU
         # worker is meant to have none.
         logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    with contextlib.redirect_stdout(io.StringIO()):  # "... shm_comm_op built successfully", a bare print on import
-        import deepspeed
+    import deepspeed
 
     f = FinetuneConfig.model_validate(loop_cfg["section"])
     p, stage_dir, seed, h = loop_cfg["plan"], loop_cfg["stage_dir"], loop_cfg["seed"], loop_cfg["config_hash"]
@@ -55,8 +70,7 @@ def finetune_loop(loop_cfg: dict) -> None:
         net.train()
         opt = torch.optim.AdamW(net.parameters(), lr=f.lr, betas=f.betas, weight_decay=f.weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: linear_warmup(s, p["warmup_steps"]))
-        # DeepSpeed prints "... shm_comm_op built successfully" (a bare print) each time its comm backend starts.
-        with contextlib.redirect_stdout(io.StringIO()):
+        with without_build_notice():
             engine, _, _, _ = deepspeed.initialize(model=net, optimizer=opt, lr_scheduler=sched,
                                                    config=deepspeed_config(f, p["micro_batch"]), dist_init_required=False)
         return family, net, engine, sched
