@@ -3,7 +3,7 @@
 # empty target folder, then, from an empty folder, run `neon-ray configs` and `neon-ray run tiny` with only that
 # folder and the pinned dependencies' venv on the path: no checkout, so a file the wheel lacks (a config, the
 # quickstart base, a package) fails here. First, the sources against the oldest Python the package declares
-# (vermin: syntax and standard library; only 3.11 runs here, so 3.10 and 3.12 are not run).
+# (vermin: syntax and standard library; scripts/check_pythons.sh installs and runs the package on 3.10 and 3.12).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 deps=$(bash "$root/scripts/setup_env.sh" --deps)
