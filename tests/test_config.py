@@ -130,3 +130,6 @@ def test_a_familys_recommended_finetune_applies_unless_the_config_sets_it(tmp_pa
     assert var.finetune.betas == (0.9, 0.95)  # the Neon authors' VAR fine-tune
     assert tiny_config(tmp_path, "model.family=var", "model.preset=var-tiny", "sampler={}",
                        "finetune.betas=[0.8, 0.9]").finetune.betas == (0.8, 0.9)
+    imm = load_config(None, ["model.family=imm", "model.preset=imm-tiny", "sampler={}"], output=str(tmp_path)).finetune
+    assert (imm.lr, imm.betas, imm.weight_decay) == (1e-6, (0.9, 0.999), 0.0)  # the Neon authors' IMM fine-tune
+    assert load_config("tiny_imm", output=str(tmp_path)).finetune.lr == 1e-4  # the config's own lr wins

@@ -185,6 +185,9 @@ class IMMFamily(DenoiserFamily):
     presets = IMM_PRESETS
     sampler_schema = IMMSampler
     label_dropout = 0.1  # the reference loss's label_dropout
+    # The Neon authors' IMM fine-tune (ImageNet 256², the official checkpoint): AdamW at lr 1e-6, betas (0.9, 0.999),
+    # no weight decay. A config that sets finetune.lr keeps its own (the CPU-trained bases here move too little at 1e-6).
+    finetune_defaults = {"lr": 1e-6, "betas": (0.9, 0.999), "weight_decay": 0.0}
 
     def __init__(self, spec: ModelSpec):
         super().__init__(spec)
