@@ -24,10 +24,10 @@ quickstart:
 # a time finish sooner on the 2-core machine; tests/conftest.py hands out the long ones first. PYTEST_WORKERS=0:
 # one test at a time.
 test:
-	@$(ENV) python -m pytest tests -n $(PYTEST_WORKERS) --dist loadgroup --maxschedchunk 1 --durations=25 $(PYTEST_ARGS)
+	@$(ENV) python -m pytest tests -n $(PYTEST_WORKERS) --dist load --maxschedchunk 1 --durations=25 $(PYTEST_ARGS)
 
 test-fast:
-	@$(ENV) python -m pytest tests -m "not slow" -n $(PYTEST_WORKERS) --dist loadgroup $(PYTEST_ARGS)
+	@$(ENV) python -m pytest tests -m "not slow" -n $(PYTEST_WORKERS) --dist load $(PYTEST_ARGS)
 
 # Every benchmark at the quick size its section of benchmarks/README.md gives (about an hour on the 2-core
 # machine; search_cost.py alone is ~15 min); that README has each one's full-size command and measured table.

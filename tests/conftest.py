@@ -100,7 +100,7 @@ def s3_server():
 
 
 # Minutes each long test took in CI's `make test` (2026-12-07, two pytest workers, 45 min in all). The workers take
-# tests in collection order (`-n 2 --dist loadgroup`): the long ones go first, so that neither worker is left with
+# tests in collection order (`-n 2 --dist load`): the long ones go first, so that neither worker is left with
 # a long test at the end while the other idles.
 LONG_TESTS = {
     "test_zz_job_submit.py::": 14,  # two tests on one cluster (one xdist group): 10.5 + 4 minutes

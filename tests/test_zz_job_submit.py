@@ -1,4 +1,4 @@
-"""`ray job submit` to a real two-node Ray cluster on loopback (named zz: runs last, it starts its own cluster).
+"""`ray job submit` to real two-node Ray clusters on loopback (each test starts its own; conftest schedules them first).
 
 One head and one worker node, each a `ray start` of its own with 2 CPUs, with Ray's token authentication.
 Ray cannot be told to listen on loopback only (`ray start --node-ip-address=127.0.0.1` is rewritten to the
@@ -8,8 +8,9 @@ whose only interface is loopback; there Ray finds no other address. Checked: the
 interface but `lo`, and every socket Ray listens on is bound to a loopback address; a tiny pipeline
 submitted with the documented command finishes after `ray job stop` mid-tune and a resubmission
 (nothing half-written in between, finished work reused); sampling actors and Ray Train workers (asked to
-SPREAD) ran on both nodes, per Ray's state API. Then the node-loss drill: the worker node is killed while its
-sampling actors sample S, and the job finishes on the head alone with every sample index written once.
+SPREAD) ran on both nodes, per Ray's state API. Then, on a cluster of its own, the node-loss drill: the worker
+node is killed while its sampling actors sample S, and the job finishes on the head alone with every sample index
+written once.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from _support import ROOT, cli_env
 from test_e2e import check_mlflow
 
 RAY = str(Path(sys.executable).with_name("ray"))
-# One pytest worker runs this module's tests in order on its one cluster (the node-loss drill comes last).
-pytestmark = pytest.mark.xdist_group("two-node-cluster")
 NETNS: list[str] = []  # ["ip", "netns", "exec", <name>]: every cluster command runs inside the namespace
 
 
@@ -109,9 +108,11 @@ def _wait_for(predicate, seconds: float, what: str) -> None:
         time.sleep(0.5)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def cluster():
-    """A head and a worker node (2 CPUs each) in a loopback-only network namespace, with token authentication."""
+    """A head and a worker node (2 CPUs each) in a loopback-only network namespace, with token authentication: one
+    for each test (the node-loss drill leaves its cluster with one node; the two tests may run on two pytest
+    workers at once: pytest-xdist 3.8's `--dist loadgroup` did not keep an `xdist_group` on one worker here)."""
     bin_dir = Path(sys.executable).parent
     # Ray's token authentication, as on a real cluster: one secret shared by the nodes and the submitter.
     env = cli_env({"PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
@@ -195,8 +196,8 @@ def test_loopback_only_job_stop_resubmit_and_spread(cluster, tmp_path, tiny_chec
 def test_losing_a_worker_node_mid_generate_the_job_finishes_on_the_head(cluster, tmp_path, tiny_checkpoint):
     """Node-loss drill: every process of the worker node is killed (SIGKILL) while its sampling actors are sampling
     S; the generate job finishes on the head node alone and S holds every sample index exactly once (the job is
-    the generate stage alone, from a saved base: the stages after it ran on this cluster in the test before).
-    (Runs after the spread test: afterwards the module's cluster has one node left.)"""
+    the generate stage alone, from a saved base: test_loopback_only_job_stop_resubmit_and_spread runs the stages
+    after it on a cluster like this one)."""
     import pyarrow.dataset as pads
 
     env, api, dash = cluster["env"], cluster["api"], cluster["dash"]
