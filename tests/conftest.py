@@ -99,17 +99,17 @@ def s3_server():
     server.stop()
 
 
-# Minutes each long test took in CI's `make test` (2026-12-07, two pytest workers, 45 min in all). The workers take
-# tests in collection order (`-n 2 --dist load`): the long ones go first, so that neither worker is left with
-# a long test at the end while the other idles.
+# Minutes each long test took in a local `make test` (2026-12-07, two pytest workers, 41.6 min in all, before the
+# cuts of that day). The workers take tests in collection order (`-n 2 --dist load`): the long ones go first, so that
+# neither worker is left with a long test at the end while the other idles.
 LONG_TESTS = {
-    "test_zz_job_submit.py::": 14,  # two tests on one cluster (one xdist group): 10.5 + 4 minutes
-    "test_faults.py::": 12,  # it makes the session's undisturbed tiny run first ...
-    "test_families_e2e.py::test_family_runs_end_to_end[dit]": 7,
-    "test_record_s3.py::test_a_tiny_run_to_s3": 7,
-    "test_plugins.py::": 5,
+    "test_zz_job_submit.py::": 11,  # both parts on one cluster: 7.7 + 3.6 minutes
+    "test_faults.py::": 10,  # it makes the session's undisturbed tiny run first ...
+    "test_families_e2e.py::test_family_runs_end_to_end[dit]": 5,
     "test_storage_s3.py::": 4,
-    "test_interrupts.py::": 3,
+    "test_record_s3.py::test_a_tiny_run_to_s3": 3,
+    "test_plugins.py::": 3,
+    "test_interrupts.py::": 2,
     "test_families_e2e.py::": 2,
     "test_e2e.py::": 1,  # ... which this one then finds made (it would wait on the lock otherwise)
     "test_fid_reference.py::test_cli_fid_json": 1,

@@ -1,4 +1,4 @@
-"""`ray job submit` to real two-node Ray clusters on loopback (each test starts its own; conftest schedules them first).
+"""`ray job submit` to a real two-node Ray cluster on loopback (conftest schedules it first: the longest test).
 
 One head and one worker node, each a `ray start` of its own with 2 CPUs, with Ray's token authentication.
 Ray cannot be told to listen on loopback only (`ray start --node-ip-address=127.0.0.1` is rewritten to the
@@ -8,7 +8,7 @@ whose only interface is loopback; there Ray finds no other address. Checked: the
 interface but `lo`, and every socket Ray listens on is bound to a loopback address; a tiny pipeline
 submitted with the documented command finishes after `ray job stop` mid-tune and a resubmission
 (nothing half-written in between, finished work reused); sampling actors and Ray Train workers (asked to
-SPREAD) ran on both nodes, per Ray's state API. Then, on a cluster of its own, the node-loss drill: the worker
+SPREAD) ran on both nodes, per Ray's state API. Then, on the same cluster, the node-loss drill: the worker
 node is killed while its sampling actors sample S, and the job finishes on the head alone with every sample index
 written once.
 """
@@ -110,9 +110,7 @@ def _wait_for(predicate, seconds: float, what: str) -> None:
 
 @pytest.fixture
 def cluster():
-    """A head and a worker node (2 CPUs each) in a loopback-only network namespace, with token authentication: one
-    for each test (the node-loss drill leaves its cluster with one node; the two tests may run on two pytest
-    workers at once: pytest-xdist 3.8's `--dist loadgroup` did not keep an `xdist_group` on one worker here)."""
+    """A head and a worker node (2 CPUs each) in a loopback-only network namespace, with token authentication."""
     bin_dir = Path(sys.executable).parent
     # Ray's token authentication, as on a real cluster: one secret shared by the nodes and the submitter.
     env = cli_env({"PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "RAY_USAGE_STATS_ENABLED": "0",
@@ -162,7 +160,14 @@ def _job_logs(cluster: dict, job_id: str) -> str:
 
 
 @pytest.mark.slow
-def test_loopback_only_job_stop_resubmit_and_spread(cluster, tmp_path, tiny_checkpoint, reference_cache):
+def test_jobs_on_a_loopback_only_two_node_cluster(cluster, tmp_path, tiny_checkpoint, reference_cache):
+    """One test, so that one pytest worker runs both parts in order on one cluster (the node-loss drill leaves it
+    with one node): pytest-xdist 3.8's `--dist loadgroup` did not keep an `xdist_group` on one worker here."""
+    job_stop_resubmit_and_spread(cluster, tmp_path, tiny_checkpoint, reference_cache)
+    losing_the_worker_node_mid_generate(cluster, tmp_path, tiny_checkpoint)
+
+
+def job_stop_resubmit_and_spread(cluster, tmp_path, tiny_checkpoint, reference_cache):
     env, api, dash = cluster["env"], cluster["api"], cluster["dash"]
     assert _interfaces() == {"lo"}, _interfaces()
     assert _listening_addresses() <= {"127.0.0.1", "::1", "::ffff:127.0.0.1"}, _listening_addresses()  # loopback only
@@ -171,7 +176,7 @@ def test_loopback_only_job_stop_resubmit_and_spread(cluster, tmp_path, tiny_chec
     out = tmp_path / "job"
     # From a saved base: the pretrain stage is the fine-tune's Ray Train code, spread and resumed here already.
     run = ["python", "jobs/neon_job.py", "tiny", "--output", str(out), "--set", "finetune.placement_strategy=SPREAD",
-           "--set", "finetune.budget_images=160", "--set", "finetune.checkpoint_every=5", "--set", f"model.checkpoint={tiny_checkpoint}",
+           "--set", "finetune.budget_images=64", "--set", "finetune.checkpoint_every=2", "--set", f"model.checkpoint={tiny_checkpoint}",
            "--set", f"evaluate.reference_cache={reference_cache}"]
     job_id = _job_id(_submit(env, dash, *run, wait=False))
     _wait_for(lambda: any(out.glob("tune/trials/*/samples/part-*.parquet")), 900, "the search under way")
@@ -185,19 +190,17 @@ def test_loopback_only_job_stop_resubmit_and_spread(cluster, tmp_path, tiny_chec
     assert "finetune: up to date" in logs and "tune: resuming the search" in logs  # Tuner.restore from the output
     summary = json.loads((out / "summary.json").read_text())
     assert {"fid_base", "fid_neon", "best_w"} <= set(summary)
-    check_mlflow(out)
+    check_mlflow(out, ("generate", "finetune", "evaluate", "tune"))
 
     actors = _state(env, api, "actors")
     nodes_of = lambda name: {a["node_id"] for a in actors if name in a["class_name"] and a["node_id"]}  # noqa: E731 (a never-placed actor has none)
     assert len(nodes_of("SamplerActor")) == 2 and len(nodes_of("RayTrainWorker")) == 2, (nodes_of("SamplerActor"), nodes_of("RayTrainWorker"))
 
 
-@pytest.mark.slow
-def test_losing_a_worker_node_mid_generate_the_job_finishes_on_the_head(cluster, tmp_path, tiny_checkpoint):
+def losing_the_worker_node_mid_generate(cluster, tmp_path, tiny_checkpoint):
     """Node-loss drill: every process of the worker node is killed (SIGKILL) while its sampling actors are sampling
     S; the generate job finishes on the head node alone and S holds every sample index exactly once (the job is
-    the generate stage alone, from a saved base: test_loopback_only_job_stop_resubmit_and_spread runs the stages
-    after it on a cluster like this one)."""
+    the generate stage alone, from a saved base: the part before ran the stages after it on this cluster)."""
     import pyarrow.dataset as pads
 
     env, api, dash = cluster["env"], cluster["api"], cluster["dash"]
