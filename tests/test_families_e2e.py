@@ -97,7 +97,7 @@ def check_search(out, summary: dict, stdout: str, args: list[str]) -> None:
     assert len(head["base"]["fids"]) == len(head["neon"]["fids"]) == 2 and head["base"]["n"] == 40
     assert summary["fid_base"] == pytest.approx(sum(head["base"]["fids"]) / 2) and "guidance" in summary["base_best_sampler"]
     assert head["base"]["seeds"] == head["neon"]["seeds"] and len(set(head["base"]["seeds"])) == 2  # fresh, shared sets
-    assert "rungs 20 → 40 with ASHA" in stdout and "seed spread" in stdout, stdout[-2000:]
+    assert "rungs 10 → 20 with ASHA" in stdout and "seed spread" in stdout, stdout[-2000:]
     # The pair in the standard FID Inception space too (8 per side: the wiring; test_fid_inception tests the scores),
     # with its own real-vs-real floor.
     second = summary["second_space"]
