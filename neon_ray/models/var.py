@@ -41,7 +41,7 @@ from ..errors import ConfigError, NeonError
 from .autoregressive import filter_logits, inverse_cdf
 from .base import ModelFamily, ModelSpec, SamplerSettings
 from .base import _abbrev, check_state_dict
-from .dit import run_block
+from .dit import Mlp, run_block
 from .registry import register_family
 from .var_vqvae import TOKENIZERS, VQVAE, VQConfig
 
@@ -129,15 +129,6 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
 
 
-class FFN(nn.Module):
-    def __init__(self, width: int, hidden: int):
-        super().__init__()
-        self.fc1, self.fc2 = nn.Linear(width, hidden), nn.Linear(hidden, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
-
-
 def drop_path(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
     """Stochastic depth (Huang et al. 2016): drop a residual branch per sample, rescale the kept ones."""
     if p == 0.0 or not training:
@@ -153,7 +144,7 @@ class AdaLNSelfAttn(nn.Module):
         super().__init__()
         self.width, self.shared_aln, self.drop_path = width, shared_aln, drop_path
         self.attn = SelfAttention(width, heads)
-        self.ffn = FFN(width, round(width * 4.0))
+        self.ffn = Mlp(width, round(width * 4.0))  # VAR's FFN is DiT's MLP (fc1, tanh-GELU, fc2)
         self.ln_wo_grad = nn.LayerNorm(width, eps=1e-6, elementwise_affine=False)
         if shared_aln:
             self.ada_gss = nn.Parameter(torch.randn(1, 1, 6, width) / width**0.5)
