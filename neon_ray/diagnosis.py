@@ -91,6 +91,7 @@ class Share:
     g_sum: dict[str, torch.Tensor]  # Σ_b g_b over the share (fp32)
     delta_sq: float  # |Δ|² over the parameters
     images: int
+    g_sum_sq: float | None = None  # |Σ_b g_b|² instead of g_sum, from a share of all batches whose sum is sharded over ranks (ZeRO)
 
 
 def measure(loss_fn: LossFn, net: nn.Module, base: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor],
@@ -136,8 +137,11 @@ def conclude(shares: Sequence[Share], w_points: Sequence[float], seconds: float)
     n = len(dots)
     assert n >= 2, "the standard errors need two batches at least"
     g_dot, g_se = _mean(dots), _se(dots)
-    g_sum = {name: sum(s.g_sum[name] for s in shares) for name in shares[0].g_sum}
-    grad_norm = math.sqrt(sum(float((g / n).double().pow(2).sum()) for g in g_sum.values()))
+    if len(shares) == 1 and shares[0].g_sum_sq is not None:
+        grad_norm = math.sqrt(shares[0].g_sum_sq) / n
+    else:
+        g_sum = {name: sum(s.g_sum[name] for s in shares) for name in shares[0].g_sum}
+        grad_norm = math.sqrt(sum(float((g / n).double().pow(2).sum()) for g in g_sum.values()))
     delta_norm = math.sqrt(shares[0].delta_sq)
     cosine = -g_dot / (grad_norm * delta_norm) if grad_norm > 0 and delta_norm > 0 else 0.0
 

@@ -115,6 +115,7 @@ LONG_TESTS = {
     "test_fid_reference.py::test_cli_fid_json": 1,
     "test_search.py::test_each_searcher": 1,
     "test_stages_ray.py::test_zero": 1,
+    "test_diagnose.py::test_the_diagnosis_on_zero_engines": 1,
 }
 
 

@@ -118,6 +118,8 @@ def test_the_diagnose_section_is_checked_at_load(tmp_path):
         tiny_config(tmp_path, "diagnose.w_points=[0.5,0.5]")
     with pytest.raises(NeonError, match=r"^diagnose\.batches: "):
         tiny_config(tmp_path, "diagnose.batches=1")
+    with pytest.raises(NeonError, match=r"^diagnose\.workers: diagnose\.zero_stage 3 runs DeepSpeed on Ray Train workers"):
+        tiny_config(tmp_path, "diagnose.zero_stage=3")
     with pytest.raises(NeonError, match=r"^tune\.prior: "):
         tiny_config(tmp_path, "tune.prior=always")
     cfg = tiny_config(tmp_path, "tune.prior=diagnose")
@@ -249,6 +251,31 @@ def test_the_diagnosis_over_ray_tasks_is_the_drivers(tmp_path, tiny_checkpoint, 
                         force=True).metrics
     assert there["losses"] == here["losses"] and there["g_dot_delta"] == here["g_dot_delta"] and there["sign"] == here["sign"]
     assert there["cosine"] == pytest.approx(here["cosine"], rel=1e-5) and there["bracket"] == here["bracket"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_the_diagnosis_on_zero_engines_is_the_drivers(tmp_path, tiny_checkpoint, ray_local, zero_stage):
+    """diagnose.zero_stage: 2 Ray Train workers holding θ_base in real DeepSpeed engines (parameters partitioned under
+    ZeRO-3, gradients under 2 and 3), every batch on both: the driver's per-batch numbers, up to summation order."""
+    from neon_ray.pipeline import run_command
+
+    sets = [f"model.checkpoint={tiny_checkpoint}", "diagnose.batches=3", "diagnose.batch_size=16", "diagnose.w_points=[-0.5,1.0]",
+            "mlflow.enabled=false"]
+    cfg = tiny_config(tmp_path / "out", *sets)
+    _hand_made_finetune(cfg, tiny_checkpoint, tmp_path)
+    here = run_command(cfg, "diagnose").metrics
+    zero = tiny_config(tmp_path / "out", *sets, f"diagnose.zero_stage={zero_stage}", "diagnose.workers=2", "diagnose.cpus_per_worker=0.5")
+    there = run_command(zero, "diagnose", force=True)
+    assert there.params["zero_stage"] == zero_stage
+    m = there.metrics
+    assert m["g_dot_delta"] == pytest.approx(here["g_dot_delta"], rel=1e-5)
+    assert m["g_dot_delta_se"] == pytest.approx(here["g_dot_delta_se"], rel=1e-4)
+    for key in ("cosine", "grad_norm", "delta_norm"):
+        assert m[key] == pytest.approx(here[key], rel=1e-5), key
+    assert [r["w"] for r in m["losses"]] == [r["w"] for r in here["losses"]]
+    assert [r["loss"] for r in m["losses"]] == pytest.approx([r["loss"] for r in here["losses"]], rel=1e-6)
+    assert (m["sign"], m["bracket"], m["loss_argmin_w"], m["images"]) == (here["sign"], here["bracket"], here["loss_argmin_w"], here["images"])
 
 
 from neon_ray.data.digits import Digits  # noqa: E402

@@ -13,6 +13,9 @@ unpickler forced on and only DeepSpeed's three plain record types allowed.
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
+import os
 import tempfile
 from collections.abc import Iterator
 
@@ -35,6 +38,38 @@ def check_deepspeed(zero_stage: int) -> None:
     if importlib.util.find_spec("deepspeed") is None:
         raise NeonError(f"finetune.zero_stage: ZeRO stage {zero_stage} needs DeepSpeed, which is not installed: "
                         'pip install --no-build-isolation "neon-ray[deepspeed]" (once torch is installed)')
+
+
+@contextlib.contextmanager
+def without_build_notice():
+    """DeepSpeed prints "... shm_comm_op built successfully" (a bare print) each time its comm backend starts. Ray
+    Train's workers turn print into a root-logger record (RAY_TRAIN_ENABLE_PRINT_PATCH) besides the stream, so both
+    are held back here; anything else printed or logged meanwhile passes."""
+    drop = logging.Filter()
+    drop.filter = lambda record: "built successfully" not in record.getMessage()
+    root = logging.getLogger()
+    root.addFilter(drop)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.removeFilter(drop)
+
+
+def start_deepspeed_worker(use_gpu: bool):
+    """The start of a Ray Train loop that runs DeepSpeed: Ray Train's per-report lines off, DeepSpeed's CPU
+    accelerator on a worker without a GPU; returns the `deepspeed` module."""
+    from .ray_train import quiet_worker_logs
+
+    quiet_worker_logs()
+    if not use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # torch's extension loader warns "No CUDA runtime is found" on a machine with a CUDA toolkit but no GPU: a CPU
+        # worker is meant to have none.
+        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
+    import deepspeed
+
+    return deepspeed
 
 
 def network_facts(spec, activation_checkpointing: bool) -> int:

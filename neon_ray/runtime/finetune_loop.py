@@ -3,10 +3,6 @@ from the latest checkpoint, ending with θ_ft consolidated in fp32 (runtime/deep
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import os
 import time
 
 import torch
@@ -20,40 +16,17 @@ from .progress import Progress
 from .seeds import derive_seed
 
 
-@contextlib.contextmanager
-def without_build_notice():
-    """DeepSpeed prints "... shm_comm_op built successfully" (a bare print) each time its comm backend starts. Ray
-    Train's workers turn print into a root-logger record (RAY_TRAIN_ENABLE_PRINT_PATCH) besides the stream, so both
-    are held back here; anything else printed or logged meanwhile passes."""
-    drop = logging.Filter()
-    drop.filter = lambda record: "built successfully" not in record.getMessage()
-    root = logging.getLogger()
-    root.addFilter(drop)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        root.removeFilter(drop)
-
-
 def finetune_loop(loop_cfg: dict) -> None:
     """Runs on every Ray Train worker: DeepSpeed over this worker's share of S, resuming from the latest checkpoint."""
     import ray.train
     import ray.train.torch
 
     from ..data.codec import CODECS
-    from .deepspeed import UnusableCheckpoint, deepspeed_config, report_deepspeed, restore_deepspeed, write_fp32_checkpoint
+    from .deepspeed import (UnusableCheckpoint, deepspeed_config, report_deepspeed, restore_deepspeed, start_deepspeed_worker,
+                            without_build_notice, write_fp32_checkpoint)
     from .shards import SampleShard
-    from .ray_train import quiet_worker_logs
 
-    quiet_worker_logs()
-    if not loop_cfg["use_gpu"]:
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
-        # torch's extension loader warns "No CUDA runtime is found" on a machine with a CUDA toolkit but no GPU: a CPU
-        # worker is meant to have none.
-        logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
-    import deepspeed
-
+    deepspeed = start_deepspeed_worker(loop_cfg["use_gpu"])
     f = FinetuneConfig.model_validate(loop_cfg["section"])
     p, stage_dir, seed, h = loop_cfg["plan"], loop_cfg["stage_dir"], loop_cfg["seed"], loop_cfg["config_hash"]
     ctx = ray.train.get_context()

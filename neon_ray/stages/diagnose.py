@@ -11,8 +11,8 @@ By default it runs in the driver process: one backward and a forward per w point
 than one search trial for the models here. With `diagnose.workers` ≥ 1, Ray tasks take contiguous shares of the
 batches (each loads θ_base and θ_ft and runs `diagnosis.measure`), and the driver joins their per-batch numbers and
 gradient sums (`diagnosis.conclude`): the same result for any count, each task holding one model's weights, its
-gradient and Δ. A model whose gradient does not fit one worker would need the gradient sharded with DeepSpeed ZeRO
-as the fine-tune was (per-batch dot products reduced across ranks); that path is not built.
+gradient and Δ. A model whose gradient does not fit one worker: `diagnose.zero_stage` runs the same measurement on a
+Ray Train group of DeepSpeed ZeRO engines (runtime/diagnose_zero.py), the parameters, gradients and Δ sharded over them.
 """
 
 from __future__ import annotations
@@ -50,7 +50,13 @@ def run(section: DiagnoseConfig, ctx: StageContext) -> Manifest:
     n = section.batch_size
     batches = [(x[i * n:(i + 1) * n], y[i * n:(i + 1) * n]) for i in range(len(x) // n)]
     seeds = [derive_seed(section.seed, "diagnose", b) for b in range(len(batches))]
-    if section.workers:
+    if section.zero_stage is not None:
+        from ..runtime.cluster import ensure_ray
+        from ..runtime.diagnose_zero import measure_with_zero
+
+        ensure_ray(cfg.ray)
+        shares = [measure_with_zero(cfg, section, base, finetuned, batches, seeds, rec.dir, f"diagnose-{ctx.config_hash}", ctx.force)]
+    elif section.workers:
         shares = _on_workers(cfg, section, base, finetuned, batches, seeds)
     else:
         shares = [measure_share(spec_of(cfg), base, finetuned, batches, seeds, section.w_points)]
@@ -61,7 +67,7 @@ def run(section: DiagnoseConfig, ctx: StageContext) -> Manifest:
                                       # MLflow keeps numbers: the loss curve as loss_at.<w>
                                       "loss_at": {f"{r['w']:g}": r["loss"] for r in result.losses}}
     rec.params = {"batches": section.batches, "batch_size": section.batch_size, "w_points": list(section.w_points),
-                  "seed": section.seed, "source": source, "workers": section.workers}
+                  "seed": section.seed, "source": source, "workers": section.workers, "zero_stage": section.zero_stage}
     return rec.finish()
 
 
