@@ -206,14 +206,12 @@ class DiagnoseConfig(Section):
     real_source: str | None = Field(None, description="A Parquet set (with labels for a class-conditional model) or image folder of real samples the base never trained on; null: the dataset's test split.")
     workers: int = Field(0, ge=0, description="Ray tasks that share the batches (each loads θ_base and θ_ft); 0: in the driver process (small models). The result is the same for any count.")
     cpus_per_worker: float = Field(1.0, gt=0, description="CPUs (and torch threads, rounded) per diagnose task.")
-    zero_stage: int | None = Field(None, ge=0, le=3, description="null: plain torch (the driver, or `workers` Ray tasks); 0–3: a Ray Train group of `workers` DeepSpeed engines at this ZeRO stage, for a model whose gradient does not fit one worker (as finetune.zero_stage). The result is the same either way.")
+    zero_stage: int | None = Field(None, ge=0, le=3, description="null: plain torch (the driver, or `workers` Ray tasks); 0–3: a Ray Train group of DeepSpeed engines at this ZeRO stage (`workers` of them, or finetune.workers when 0), for a model whose gradient does not fit one worker. The result is the same either way.")
 
     OPERATIONAL: ClassVar[set[str]] = {"enabled", "workers", "cpus_per_worker", "zero_stage"}
 
     @model_validator(mode="after")
     def _check_points(self) -> "DiagnoseConfig":
-        if self.zero_stage is not None and self.workers == 0:
-            raise FieldError("workers", f"diagnose.zero_stage {self.zero_stage} runs DeepSpeed on Ray Train workers: set diagnose.workers ≥ 1")
         if not any(w != 0 for w in self.w_points):
             raise FieldError("w_points", "needs at least one w ≠ 0 (w = 0 is always added)")
         for i, w in enumerate(self.w_points):

@@ -155,6 +155,7 @@ def changes(tmp: Path) -> dict[str, tuple[object, frozenset[str]]]:
         "diagnose.real_source": (str(folder), DIAGNOSE),
         "diagnose.workers": (2, NONE),  # the same result for any count
         "diagnose.cpus_per_worker": (0.5, NONE),
+        "diagnose.zero_stage": (2, NONE),  # the same numbers on ZeRO engines (test_diagnose)
     }
 
 

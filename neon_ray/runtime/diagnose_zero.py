@@ -1,5 +1,5 @@
 """The diagnosis under DeepSpeed ZeRO (`diagnose.zero_stage`), for a model whose gradient does not fit one worker:
-a Ray Train group of `diagnose.workers` engines holds θ_base as the fine-tune held it, and returns one `Share` of
+a Ray Train group of `diagnose.workers` engines (finetune.workers when 0) holds θ_base as the fine-tune held it, and returns one `Share` of
 all the batches for `diagnosis.conclude`.
 
 Every rank runs every held-out batch with that batch's own draws, so the gradient DeepSpeed averages over the
@@ -35,7 +35,7 @@ def measure_with_zero(cfg: RunConfig, section: DiagnoseConfig, base: str, finetu
 
     f = cfg.finetune
     use_gpu = resolve_use_gpu(f.use_gpu)
-    group = types.SimpleNamespace(workers=section.workers, cpus_per_worker=section.cpus_per_worker,
+    group = types.SimpleNamespace(workers=section.workers or f.workers, cpus_per_worker=section.cpus_per_worker,
                                   placement_strategy=f.placement_strategy, max_failures=f.max_failures)
     parameters = network_facts(spec_of(cfg), False)
     loop_cfg = {"spec": spec_of(cfg), "base": base, "finetuned": finetuned, "batches": batches, "seeds": list(seeds),

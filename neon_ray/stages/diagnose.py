@@ -67,7 +67,8 @@ def run(section: DiagnoseConfig, ctx: StageContext) -> Manifest:
                                       # MLflow keeps numbers: the loss curve as loss_at.<w>
                                       "loss_at": {f"{r['w']:g}": r["loss"] for r in result.losses}}
     rec.params = {"batches": section.batches, "batch_size": section.batch_size, "w_points": list(section.w_points),
-                  "seed": section.seed, "source": source, "workers": section.workers, "zero_stage": section.zero_stage}
+                  "seed": section.seed, "source": source, "zero_stage": section.zero_stage,
+                  "workers": (section.workers or cfg.finetune.workers) if section.zero_stage is not None else section.workers}
     return rec.finish()
 
 
