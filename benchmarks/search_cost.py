@@ -1,8 +1,11 @@
 """What each searcher costs against the full grid, on the quickstart base, side by side in one run.
 
     python benchmarks/search_cost.py [--out outputs/search_cost] [--n 1000] [--final-seeds 0] [--set key=value ...]
+    python benchmarks/search_cost.py --config fmnist_var --gammas 1.5,3,4.5 \
+        --set model.checkpoint=RUN/pretrain/model.safetensors     # another family, on a base pretrained by its run
 
-One output holds generate + finetune (+ evaluate) of `neon_ray/configs/quickstart.yaml`; each search then runs
+One output holds generate + finetune (+ evaluate) of `--config` (default `neon_ray/configs/quickstart.yaml`; a
+config that pretrains needs `--set model.checkpoint=…`: the search compares searchers, not bases); each search then runs
 `neon-ray tune` on its own copy of that output (outputs are relocatable), so every search scores the same
 θ_base and θ_ft with the same evaluation seeds (common random numbers: a (w, γ) scores the same FID in every
 search at the same n). Searches: the full grid (6 w × 3 γ, one rung at the full n), the same grid under ASHA
@@ -32,14 +35,15 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "neon_ray" / "configs" / "quickstart.yaml"
-W_GRID = "[0.25, 0.5, 0.75, 1.0, 1.25, 1.5]"
-GAMMAS = "[1.5, 2.0, 3.0]"
+W_GRID = "0.25,0.5,0.75,1,1.25,1.5"
+GAMMAS = "1.5,2,3"
 
 
-def searches(n: int) -> dict[str, list[str]]:
-    grid = f"tune.space={{w: {{choice: {W_GRID}}}, guidance: {{choice: {GAMMAS}}}}}"
-    ranged = f"tune.space={{w: {{low: 0.1, high: 1.5}}, guidance: {{choice: {GAMMAS}}}}}"
+def searches(n: int, w_grid: list[float], gammas: list[float]) -> dict[str, list[str]]:
+    """The searches over the same (w, γ) space: the grid's w values, or the range they span (w_grid[0] / 2.5 up)."""
+    g = f"guidance: {{choice: {gammas}}}"
+    grid = f"tune.space={{w: {{choice: {w_grid}}}, {g}}}"
+    ranged = f"tune.space={{w: {{low: {w_grid[0] / 2.5:g}, high: {w_grid[-1]:g}}}, {g}}}"
     rungs = f"tune.rungs=[{n // 4}, {n // 2}, {n}]"
     return {
         "grid (full n)": ["tune.search=grid", grid, "tune.rungs=[]", "tune.scheduler=fifo"],
@@ -67,21 +71,26 @@ def sets(overrides: list[str]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="outputs/search_cost")
+    parser.add_argument("--config", default="quickstart", help="a shipped config's name or a YAML file")
+    parser.add_argument("--w-grid", default=W_GRID, help="the grid's w values, comma-separated (the ranged searchers span them)")
+    parser.add_argument("--gammas", default=GAMMAS, help="the CFG scales γ every search covers, comma-separated")
     parser.add_argument("--n", type=int, default=1000, help="the full n (evaluate.num_samples); rungs are n/4, n/2, n")
     parser.add_argument("--final-seeds", type=int, default=0, help="rescore each pick on this many fresh seed sets")
     parser.add_argument("--set", dest="extra", action="append", default=[], help="overrides for every run (key=value)")
     parser.add_argument("--only", action="append", default=[], help="run only these searches (by name)")
     args = parser.parse_args()
     out = Path(args.out).resolve()
+    config = str(Path(args.config).resolve()) if args.config.endswith((".yaml", ".yml")) else args.config
+    w_grid, gammas = floats(args.w_grid, "--w-grid"), floats(args.gammas, "--gammas")
     # The searches' costs only: no second-space headline (it rescores the rescoring sets, when there are any).
     common = sets([f"evaluate.num_samples={args.n}", f"tune.final_seeds={args.final_seeds}", "tune.headline_extractor=null",
                    "mlflow.enabled=false", *args.extra])
     shared = out / "shared"
     for stage in ("generate", "finetune", "diagnose", "evaluate"):
-        neon_ray(stage, str(CONFIG), "--output", str(shared), *common)
+        neon_ray(stage, config, "--output", str(shared), *common)
     diagnosis = json.loads((shared / "diagnose" / "manifest.json").read_text())["metrics"]
     rows = []
-    for name, overrides in searches(args.n).items():
+    for name, overrides in searches(args.n, w_grid, gammas).items():
         if args.only and name not in args.only:
             continue
         where = out / name.replace(" ", "_").replace("+", "").replace("(", "").replace(")", "")
@@ -89,7 +98,7 @@ def main() -> None:
             shutil.rmtree(where, ignore_errors=True)
             shutil.copytree(shared, where, symlinks=True)
         t0 = time.time()
-        neon_ray("tune", str(CONFIG), "--output", str(where), *common, *sets(overrides))
+        neon_ray("tune", config, "--output", str(where), *common, *sets(overrides))
         wall = time.time() - t0
         m = json.loads((where / "tune" / "manifest.json").read_text())["metrics"]
         base, final = m["best_base"], m["final"]
@@ -117,6 +126,17 @@ def main() -> None:
         print(f"| {r['search']} | {r['trials']} | {r['images']:,} | {share} | {r['seconds']:.0f} | {r['w']:.3g}, {r['gamma']} | "
               f"{r['fid']:.3f}{within} | {r['base']:.3f} (γ {r['base_gamma']}) | {r['floor']:.3f} |" + (f" {r.get('rescored', '')} |" if rescored else "")
               + (f" {within_sd(r, grid)} |" if strict else ""))
+
+
+def floats(text: str, flag: str) -> list[float]:
+    try:
+        values = sorted(float(x) for x in text.split(","))
+    except ValueError:
+        values = []
+    if not values or values[0] <= 0:
+        print(f"{flag}: expected positive numbers separated by commas, got {text!r}", file=sys.stderr)
+        sys.exit(2)
+    return values
 
 
 def within_sd(row: dict, grid: dict) -> str:
