@@ -4,10 +4,12 @@
 
 Per seed: the toy DDPM (`toy_gaussian.yaml`'s mlp-paper, cosine schedule) trained on that seed's 1k real samples
 (Adam 2e-3, 4000 steps × 256, EMA 0.999), then per ζ: S = 1000 samples of the 20-step ancestral sampler with its
-score scaled by ζ, a fine-tune on S (Adam 1e-4, 1000 steps × 100: 100 epochs), and `neon_ray.diagnosis.diagnose`
+score scaled by ζ, a fine-tune on S (Adam `--ft-lr`, default 1e-4, 1000 steps × 100: 100 epochs), and `neon_ray.diagnosis.diagnose`
 on held-out samples of the target (`--batches` × `--batch-size`, common random numbers). The paper: ζ = 1.1
 (mode-seeking) → w > 0 helps and the gradient cosine is negative; ζ = 0.9 → w < 0, cosine positive. Prints a
 Markdown table: sign, cos(g, −Δ), g·Δ ± se, the loss argmin over w ∈ {±0.5, ±1, ±2} and the bracket.
+`--on train` computes both on the base's own training samples instead (the base sits near that loss's minimum, so
+the "keep training" part of Δ that dominates on held-out data should vanish there).
 This checks the diagnosis's sign convention and power only; the FID-best w per (seed, ζ) is scripts/toy_experiment.py.
 """
 
@@ -51,6 +53,13 @@ def main() -> None:
     parser.add_argument("--zetas", type=float, nargs="+", default=[1.1, 0.9])
     parser.add_argument("--batches", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--on", choices=("held-out", "train"), default="held-out",
+                        help="the real data of g and of the loss line: held-out target samples (what `neon-ray diagnose` "
+                             "uses), or the base's own 1k training samples, repeated with fresh noise per batch")
+    parser.add_argument("--ft-lr", type=float, default=1e-4, help="the fine-tune's Adam lr (the paper's toy: 1e-5)")
+    parser.add_argument("--control", action="store_true",
+                        help="diagnose Δ_S − Δ_real instead of Δ_S: Δ_real is the same fine-tune on the base's own real "
+                             "training samples, so what both share (the optimizer carrying on) cancels")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print("| seed | ζ | sign | cos(g, −Δ) | g·Δ ± se | loss argmin w | bracket | seconds |")
@@ -64,16 +73,23 @@ def main() -> None:
         base_net = train(family, family.build(), torch.from_numpy(real), 4000, 256, 2e-3, f"pretrain-{seed}", ema_decay=0.999).eval()
         base = {k: v.detach().clone() for k, v in base_net.state_dict().items()}
         n, b = args.batches, args.batch_size
-        x = torch.from_numpy(held[: n * b])
-        batches = [(x[i * b:(i + 1) * b], torch.zeros(b, dtype=torch.int64)) for i in range(n)]
+        if args.on == "held-out":
+            x = torch.from_numpy(held[: n * b])
+            batches = [(x[i * b:(i + 1) * b], torch.zeros(b, dtype=torch.int64)) for i in range(n)]
+        else:  # the training set at the base's (near-)minimum: only the noise differs between batches
+            x = torch.from_numpy(real)
+            batches = [(x, torch.zeros(len(x), dtype=torch.int64)) for _ in range(n)]
         seeds = [derive_seed(seed, "diagnose", i) for i in range(n)]
         for zeta in args.zetas:
             settings = family.validate_sampler({**cfg.sampler.model_dump(), "score_scale": zeta})
             with torch.no_grad():
                 synthetic = family.sample(base_net, torch.zeros(1000, dtype=torch.int64),
                                           [derive_seed(seed, "S", i) for i in range(1000)], settings)
-            ft_net = train(family, copy.deepcopy(base_net).train(), synthetic, 1000, 100, 1e-4, f"finetune-{seed}-{zeta}")
+            ft_net = train(family, copy.deepcopy(base_net).train(), synthetic, 1000, 100, args.ft_lr, f"finetune-{seed}-{zeta}")
             finetuned = {k: v.detach().clone() for k, v in ft_net.state_dict().items()}
+            if args.control:  # θ_base + (Δ_S − Δ_real)
+                ctl = train(family, copy.deepcopy(base_net).train(), torch.from_numpy(real), 1000, 100, args.ft_lr, f"finetune-{seed}-{zeta}")
+                finetuned = {k: v - c.detach() + base[k] if v.is_floating_point() else v for (k, v), c in zip(finetuned.items(), ctl.state_dict().values())}
             t0 = time.time()
             d = diagnose(family.training_loss, copy.deepcopy(base_net), base, finetuned, batches, seeds, W_POINTS)
             print(f"| {seed} | {zeta} | {d.sign:+d} | {d.cosine:+.4f} | {d.g_dot_delta:+.2e} ± {d.g_dot_delta_se:.1e} | "
