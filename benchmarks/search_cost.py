@@ -9,7 +9,9 @@ config that pretrains needs `--set model.checkpoint=…`: the search compares se
 `neon-ray tune` on its own copy of that output (outputs are relocatable), so every search scores the same
 θ_base and θ_ft with the same evaluation seeds (common random numbers: a (w, γ) scores the same FID in every
 search at the same n). Searches: the full grid (6 w × 3 γ, one rung at the full n), the same grid under ASHA
-with rungs n/4 → n/2 → n, Optuna's TPE and the bracket searcher (both with rungs). Prints per search: trials,
+with rungs n/4 → n/2 → n, Optuna's TPE, the bracket searcher, and the line searcher (w = 0 and one probe w per
+γ on the first rung, FID(w) predicted from their feature moments, the predicted best confirmed at n; first rung
+n/4 as the bracket's, and n/5 as the shipped configs' 200 → 1,000). Prints per search: trials,
 images sampled + scored (the cost unit), wall seconds, the Neon pick (w, γ) and its FID at the full n, the base
 at its own best γ, and the real-vs-real floor at n. `--final-seeds K` also rescores each pick on K fresh seed
 sets (6·K·n more images per search); with K ≥ 2 a second criterion is printed, stricter than the floor: the pick's
@@ -51,6 +53,8 @@ def searches(n: int, w_grid: list[float], gammas: list[float]) -> dict[str, list
         "optuna + ASHA": ["tune.search=optuna", "tune.num_trials=12", ranged, rungs, "tune.scheduler=asha"],
         "bracket": ["tune.search=bracket", "tune.bracket_steps=4", ranged, f"tune.rungs=[{n // 4}, {n}]", "tune.scheduler=fifo"],
         "optuna + prior": ["tune.search=optuna", "tune.num_trials=12", ranged, rungs, "tune.scheduler=asha", "tune.prior=diagnose"],
+        "line": ["tune.search=line", ranged, f"tune.rungs=[{n // 4}, {n}]", "tune.scheduler=fifo"],
+        "line (first rung n/5)": ["tune.search=line", ranged, f"tune.rungs=[{n // 5}, {n}]", "tune.scheduler=fifo"],
         "bracket + prior": ["tune.search=bracket", "tune.bracket_steps=4", ranged, f"tune.rungs=[{n // 4}, {n}]", "tune.scheduler=fifo",
                             "tune.prior=diagnose"],
     }
@@ -93,7 +97,7 @@ def main() -> None:
     for name, overrides in searches(args.n, w_grid, gammas).items():
         if args.only and name not in args.only:
             continue
-        where = out / name.replace(" ", "_").replace("+", "").replace("(", "").replace(")", "")
+        where = out / name.replace(" ", "_").replace("+", "").replace("(", "").replace(")", "").replace("/", "")
         if not (where / "tune" / "manifest.json").exists():
             shutil.rmtree(where, ignore_errors=True)
             shutil.copytree(shared, where, symlinks=True)

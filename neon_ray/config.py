@@ -254,16 +254,17 @@ class SearchDimension(Section):
         return self.choice is None
 
 
-Searcher = Literal["grid", "optuna", "bracket"]
+Searcher = Literal["grid", "optuna", "bracket", "line"]
 
 
 class TuneConfig(Section):
     w_grid: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5],
                                 description="The w values of the grid searcher (when tune.space has no `w`), and the default w range (min..max) of the others.")
-    search: Searcher = Field("grid", description="grid: every combination; optuna: Optuna's TPE through Ray Tune's OptunaSearch; bracket: golden-section over w at each sampler setting.")
+    search: Searcher = Field("grid", description="grid: every combination; optuna: Optuna's TPE through Ray Tune's OptunaSearch; bracket: golden-section over w at each sampler setting; line: w = 0 and one probe w at each sampler setting on the first rung, FID(w) predicted along the line from their feature moments, the predicted best through every rung.")
     space: dict[str, SearchDimension] = Field(default_factory=dict, description="Searched fields: `w` and any field of the family's sampler, each a choice list or a range. Sampler fields searched here are searched for the base (w = 0) too.")
     num_trials: int = Field(20, ge=2, description="Trials of the optuna searcher (base and Neon arms together).")
     bracket_steps: int = Field(5, ge=2, description="Golden-section evaluations of w per sampler setting (bracket searcher), besides w = 0.")
+    line_probe: float | None = Field(None, gt=0, description="The probe w of the line searcher (scored at every sampler setting beside w = 0); null: the middle of the w range (geometric on a log scale; the choice nearest it for a choice list).")
     rungs: list[int] = Field(default_factory=list, description="Sample counts each trial is scored at, increasing (multi-fidelity); empty: evaluate.num_samples only. Trials are compared only at equal n.")
     scheduler: Literal["fifo", "asha"] = Field("fifo", description="asha: Ray Tune's ASHA stops poor Neon trials at a rung (the base arm always runs every rung).")
     reduction_factor: int = Field(3, ge=2, description="ASHA's reduction factor: the top 1/reduction_factor of a rung go on.")
@@ -311,6 +312,17 @@ class TuneConfig(Section):
                 raise FieldError("space.w", "the bracket searcher needs a range for w (low, high)")
             if self.scheduler == "asha":
                 raise FieldError("scheduler", "asha stops trials the bracket search needs; use scheduler: fifo with search: bracket (it brackets on the first rung and rescores the best)")
+        if self.search == "line":
+            for name, dim in self.space.items():
+                if name != "w" and dim.is_range:
+                    raise FieldError(f"space.{name}", "the line searcher probes each sampler setting: give choice: [...] for sampler fields")
+            if self.scheduler == "asha":
+                raise FieldError("scheduler", "asha stops trials the line search needs; use scheduler: fifo with search: line (it probes on the first rung and rescores the predicted best)")
+            if self.line_probe is not None:
+                w = self.w_dimension()
+                lo, hi = (w.low, w.high) if w.is_range else (min(w.choice), max(w.choice))
+                if not lo <= self.line_probe <= hi:
+                    raise FieldError("line_probe", f"{self.line_probe:g} lies outside the searched w [{lo:g}, {hi:g}]")
         if self.scheduler == "asha" and len(self.rungs) < 2:
             raise FieldError("scheduler", "asha needs at least two rungs (tune.rungs: [1000, 2500, ...])")
         if self.search == "optuna":

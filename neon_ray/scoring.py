@@ -259,7 +259,8 @@ def increment_dir(dest_dir: str, first: int, n: int) -> str:
 
 def score_rung(cfg: RunConfig, checkpoint: str, dest_dir: str, reference: Statistics, settings, rungs: list[int], k: int,
                seed: int | None = None, fresh: bool = False, donors: tuple[str, ...] = ()) -> dict:
-    """Score the first `rungs[k]` evaluation samples of `checkpoint` (seed stream `seed`, default evaluate.seed).
+    """Score the first `rungs[k]` evaluation samples of `checkpoint` (seed stream `seed`, default evaluate.seed);
+    the scores come with the set's feature `statistics` (μ, Σ).
 
     Samples rungs[k-1]..rungs[k]-1 are added to those sampled for the earlier rungs (sample i depends only on
     (seed, stream, i), so the union equals a set sampled at once), then the union is scored. Increments left
@@ -275,8 +276,9 @@ def score_rung(cfg: RunConfig, checkpoint: str, dest_dir: str, reference: Statis
         parts.append(open_samples(info["uri"]))
         seconds += info["seconds"] if j == k else 0.0
     samples = parts[0] if k == 0 else concat_sets(parts, f"{dest_dir} (first {rungs[k]})")
-    scores = score_set(cfg, samples, reference)
-    return scores | {"sample_seconds": round(seconds, 2), "samples": increment_dir(dest_dir, 0, rungs[0])}
+    result = scored_features(cfg, samples)
+    scores = scores_of(cfg, result, reference)
+    return scores | {"sample_seconds": round(seconds, 2), "samples": increment_dir(dest_dir, 0, rungs[0]), "statistics": result.stats}
 
 
 def score_uri(cfg: RunConfig, samples_uri: str, num_shards: int | None = None) -> dict:

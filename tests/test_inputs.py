@@ -136,6 +136,7 @@ def changes(tmp: Path) -> dict[str, tuple[object, frozenset[str]]]:
         "tune.space": ({"w": {"choice": [0.25, 0.5]}}, TUNE),
         "tune.num_trials": (30, TUNE),
         "tune.bracket_steps": (6, TUNE),
+        "tune.line_probe": (1.0, TUNE),
         "tune.rungs": ([2000, 200000], TUNE),
         "tune.scheduler": ("asha", TUNE),
         "tune.reduction_factor": (4, TUNE),

@@ -50,7 +50,7 @@ def run_search(cfg: RunConfig, base: str, finetuned: str, tune_dir: str, trial_h
     try:
         if fresh:
             storage.remove(storage.join(tune_dir, "ray", name))
-        search_alg, space, num_samples = make_search(cfg, prior)
+        search_alg, space, num_samples = make_search(cfg, prior, tune_dir)
         if not fresh and tune.Tuner.can_restore(experiment, storage_filesystem=where.get("storage_filesystem")):
             log.info("tune: resuming the search stored at %s", storage.redact_uri(storage.join(tune_dir, "ray", name)))
             tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,

@@ -5,7 +5,9 @@
 - bracket: `BracketSearch`, a Ray Tune `Searcher` that scores w = 0 and then runs a golden-section search
   over w at each sampler setting. FID(w) is U-shaped around one optimum (measured: steep on both sides),
   i.e. unimodal, which is all golden-section needs; each step shrinks the bracket by 0.618. It brackets on
-  the first rung (cheap) and then runs the best base setting and the best (w, setting) through every rung.
+  the first rung (cheap) and then runs the best base setting and the best (w, setting) through every rung;
+- line: `LineSearch`, w = 0 and one probe w at each sampler setting on the first rung, FID(w) predicted at every w
+  from those two sets' feature moments, and the predicted best (w, setting) through every rung.
 
 The ASHA scheduler stops poor Neon trials at a rung; trials of the base arm always run every rung, since
 they are what Neon is compared with.
@@ -14,14 +16,18 @@ they are what Neon is compared with.
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 from ray.tune.search import Searcher
 
 from neon_ray.config import RunConfig
+from neon_ray.scoring import reference_uri
 
-from .spaces import FIDELITY, W, OptunaSpace, choice_settings, grid_space, searches_base
+from .spaces import FIDELITY, W, OptunaSpace, choice_settings, grid_space, searches_base, trial_key
+
+log = logging.getLogger("neon_ray")
 
 GOLDEN = (math.sqrt(5) - 1) / 2  # 0.618…: the bracket shrinks by this factor per evaluation
 
@@ -179,6 +185,138 @@ class BracketSearch(Searcher):
             self.set_state(json.load(f))
 
 
+class LineSearch(Searcher):
+    """w = 0 and one probe w_p at each sampler setting, on the first rung; then FID(w) predicted along the line at
+    every w of the searched range from those two sets' feature moments alone (`neon_ray.fid.stats.along_line`: μ and Σ
+    linear in w), and the predicted best (w, setting) and the best base setting through every rung.
+
+    Why it can work with two sets: with common random numbers the distribution of θ_w's samples moves smoothly with
+    w, and to first order its feature moments move linearly; FID, a function of those moments, is then predicted at
+    every w without sampling any other θ_w (measured against the full grid in benchmarks/search_cost.py and
+    benchmarks/feature_line.py). It costs 2 first-rung sets per sampler setting plus the two confirmations; the
+    prediction, with the measured FIDs of the probes, is written to `line.json` in the tune folder."""
+
+    def __init__(self, settings: list[dict], ws: list[float], probe: float, rungs: list[int], tune_dir: str, reference: str,
+                 metric: str = "fid", mode: str = "min"):
+        super().__init__(metric=metric, mode=mode)
+        self.settings, self.ws, self.probe, self.rungs = settings, sorted(set(ws) | {0.0, probe}), probe, rungs
+        self.tune_dir, self.reference = tune_dir, reference
+        self.measured: dict[str, float] = {}  # first-rung FID by trial key
+        self.asked: list[str] = []
+        self.live: dict[str, str] = {}  # Tune trial id → trial key ("confirm" trials: "")
+        self.confirm: list[dict] | None = None
+
+    @staticmethod
+    def trials_needed(settings: int) -> int:
+        return 2 * settings + 2
+
+    def _probes(self) -> list[dict]:
+        return [{W: w, **setting, FIDELITY: 1} for setting in self.settings for w in (0.0, self.probe)]
+
+    def suggest(self, trial_id: str):
+        if self.confirm is None and len(self.measured) == 2 * len(self.settings) and not self.live:
+            self.confirm = self._confirm_trials()
+        if self.confirm is not None:
+            if not self.confirm:
+                return None if self.live else Searcher.FINISHED
+            self.live[trial_id] = ""
+            return self.confirm.pop(0)
+        for config in self._probes():
+            key = trial_key(config)
+            if key not in self.asked:
+                self.asked.append(key)
+                self.live[trial_id] = key
+                return config
+        return None  # waiting for the probes
+
+    def _statistics(self, config: dict):
+        from neon_ray import storage
+        from neon_ray.fid.stats import Statistics
+
+        from .trainable import stats_uri, trial_dir
+
+        uri = stats_uri(trial_dir(self.tune_dir, trial_key(config)), self.rungs[0])
+        return Statistics.from_bytes(storage.read_bytes(uri), uri)
+
+    def predict(self) -> list[dict]:
+        """Per sampler setting: the predicted FID at every w of the line (first rung's n), from the w = 0 and probe moments."""
+        from neon_ray import storage
+        from neon_ray.fid.stats import Statistics, along_line, frechet_distance
+
+        reference = Statistics.from_bytes(storage.read_bytes(self.reference), self.reference)
+        out = []
+        for setting in self.settings:
+            base, probe = ({W: w, **setting} for w in (0.0, self.probe))
+            a, b = self._statistics(base), self._statistics(probe)
+            curve = {w: frechet_distance(along_line(a, b, w / self.probe), reference) for w in self.ws}
+            out.append({"setting": setting, "predicted": curve, "measured": {0.0: self.measured[trial_key(base)],
+                                                                                self.probe: self.measured[trial_key(probe)]}})
+        return out
+
+    def _confirm_trials(self) -> list[dict]:
+        lines = self.predict()
+        best_fid, best_i, best_w = min((min((f, i, w) for w, f in line["predicted"].items() if w > 0)) for i, line in enumerate(lines))
+        base_fid, base_i = min((line["measured"][0.0], i) for i, line in enumerate(lines))
+        self._write(lines, best_i, best_w, base_i)
+        top = len(self.rungs)
+        out = [{W: float(best_w), **self.settings[best_i], FIDELITY: top}]
+        if top > 1:  # the base at its best setting through every rung; with one rung it is scored already
+            out.append({W: 0.0, **self.settings[base_i], FIDELITY: top})
+        return out
+
+    def _write(self, lines: list[dict], best_i: int, best_w: float, base_i: int) -> None:
+        from neon_ray import storage
+
+        def keyed(d: dict) -> dict:
+            return {f"{w:.6g}": v for w, v in d.items()}
+
+        storage.write_json_atomic(storage.join(self.tune_dir, "line.json"), {
+            "probe": self.probe, "n": self.rungs[0], "pick": {W: best_w, **self.settings[best_i]},
+            "base_pick": self.settings[base_i],
+            "lines": [{"setting": ln["setting"], "predicted": keyed(ln["predicted"]), "measured": keyed(ln["measured"])} for ln in lines]})
+        log.info("tune: the line search predicts w %.4g at %s (FID %.4g at n = %d); base best at %s",
+                 best_w, self.settings[best_i] or "the scoring sampler", lines[best_i]["predicted"][best_w], self.rungs[0],
+                 self.settings[base_i] or "the scoring sampler")
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        key = self.live.pop(trial_id, None)
+        if not key:
+            return
+        if error or not result or self.metric not in result:
+            self.asked.remove(key)  # asked again: the search cannot predict without it (Tune retried it already)
+            return
+        self.measured[key] = float(result[self.metric])
+
+    def get_state(self) -> dict:
+        return {"settings": self.settings, "ws": self.ws, "probe": self.probe, "rungs": self.rungs, "tune_dir": self.tune_dir,
+                "reference": self.reference, "measured": self.measured, "confirm": self.confirm}
+
+    def set_state(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self.asked, self.live = list(self.measured), {}  # probes asked but never told are asked again
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as f:
+            json.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            self.set_state(json.load(f))
+
+
+def line_points(w) -> tuple[list[float], float]:
+    """(the w the line search predicts at, its default probe) for the searched w dimension."""
+    if not w.is_range:
+        ws = sorted(float(c) for c in w.choice)
+        middle = (ws[0] + ws[-1]) / 2
+        return ws, min(ws, key=lambda c: abs(c - middle))
+    if w.scale == "log":
+        ws = [w.low * (w.high / w.low) ** (i / 64) for i in range(65)]
+        return ws, math.sqrt(w.low * w.high)
+    return [w.low + (w.high - w.low) * i / 64 for i in range(65)], (w.low + w.high) / 2
+
+
 class BaseArmASHA(ASHAScheduler):
     """ASHA that never stops a base-arm trial (w = 0): the base at every sampler setting is scored at every rung."""
 
@@ -189,10 +327,11 @@ class BaseArmASHA(ASHAScheduler):
         return action
 
 
-def make_search(cfg: RunConfig, prior: tuple[float, float] | None = None) -> tuple[object | None, dict, int]:
+def make_search(cfg: RunConfig, prior: tuple[float, float] | None = None, tune_dir: str | None = None) -> tuple[object | None, dict, int]:
     """(search_alg or None for the grid, param_space, num_samples) for `tune.search`. `prior`: a w bracket (the
     diagnosis's, already clipped to the allowed w) the bracket searcher searches instead of the configured range and
-    Optuna evaluates first (its ends and middle, within the configured range); the grid ignores it."""
+    Optuna evaluates first (its ends and middle, within the configured range); the grid and line searchers ignore it.
+    `tune_dir`: where the trials' folders are (the line searcher reads its probes' statistics there)."""
     t = cfg.tune
     rungs = len(cfg.search_rungs())
     if t.search == "grid":
@@ -208,6 +347,11 @@ def make_search(cfg: RunConfig, prior: tuple[float, float] | None = None) -> tup
         return (OptunaSearch(space=OptunaSpace(cfg), metric="fid", mode="min", sampler=sampler, points_to_evaluate=points), {},
                 t.num_trials)
     settings = choice_settings(cfg)
+    if t.search == "line":
+        ws, probe = line_points(w)
+        probe = t.line_probe or probe
+        search = LineSearch(settings, ws, probe, cfg.search_rungs(), tune_dir, reference_uri(cfg))
+        return search, {}, LineSearch.trials_needed(len(settings))
     with_base = searches_base(t)
     low, high = prior or (w.low, w.high)
     search = BracketSearch(settings, low, high, t.bracket_steps, rungs, log=w.scale == "log", with_base=with_base)

@@ -6,7 +6,8 @@ did not have. Every trial samples with the same evaluation seeds and labels (com
 whatever its w or sampler setting, so FID differences come from the model and the sampler, not from
 sampling noise. Each scored rung leaves `rung-n<N>.json` (and `result.json`, the latest rung) in the
 trial's folder, named by its config (`w=0.5,guidance=2`): a rerun, a retried trial or any later search
-whose trial hash matches reuses them instead of scoring again.
+whose trial hash matches reuses them instead of scoring again. Under the line searcher the first rung also
+leaves the set's feature statistics, `stats-n<N>.npz`, which the searcher reads on the driver.
 """
 
 from __future__ import annotations
@@ -42,6 +43,11 @@ def reported(result: dict) -> dict:
 
 def config_hash_of(trial_hash: str, key: str, settings) -> str:
     return fingerprint("tune-trial-setting", trial_hash, key, settings.model_dump(mode="json"))
+
+
+def stats_uri(tdir: str, n: int) -> str:
+    """The feature statistics (μ, Σ) of a trial's rung, kept for the line searcher's first rung only."""
+    return storage.join(tdir, f"stats-n{n}.npz")
 
 
 def scored_rung(tdir: str, n: int, config_hash: str) -> dict | None:
@@ -82,7 +88,8 @@ def neon_trial(config: dict, cfg_json: dict, base: str, finetuned: str, referenc
         storage.write_json_atomic(marker, {"config_hash": chash, "w": w, "sampler": overrides_of(config)})
     model, ref = base, None
     for k, n in enumerate(rungs[:fidelity]):
-        if (done := scored_rung(tdir, n, chash)) is not None:
+        keep_stats = cfg.tune.search == "line" and k == 0  # the line searcher predicts FID(w) from these moments
+        if (done := scored_rung(tdir, n, chash)) is not None and not (keep_stats and not storage.exists(stats_uri(tdir, n))):
             tune.report(reported(done) | {"rung": k})
             continue
         if w != 0.0:  # the merged model is written atomically: present means complete (a retried trial keeps it)
@@ -94,6 +101,8 @@ def neon_trial(config: dict, cfg_json: dict, base: str, finetuned: str, referenc
         done = {"w": w, "key": key, "sampler": overrides_of(config), "config_hash": chash, "rung": k,
                 "model": storage.relative(cfg.output, model) if w != 0.0 else None,
                 "samples": storage.relative(cfg.output, scores["samples"]), **{s: scores[s] for s in SCORES}}
+        if keep_stats:  # before the rung's result: a reported first rung always has its statistics
+            storage.write_bytes_atomic(stats_uri(tdir, n), scores["statistics"].to_bytes())
         storage.write_json_atomic(rung_uri(tdir, n), done)
         storage.write_json_atomic(storage.join(tdir, RESULT), done)
         tune.report(reported(done) | {"rung": k})

@@ -156,6 +156,23 @@ def frechet_distance(a: Statistics, b: Statistics) -> float:
     return float(fid_statistics_to_metric({"mu": a.mu, "sigma": a.sigma}, {"mu": b.mu, "sigma": b.sigma}, verbose=False)[KEY_METRIC_FID])
 
 
+def along_line(a: Statistics, b: Statistics, t: float) -> Statistics:
+    """Feature moments linear along a line: `a` at t = 0, `b` at t = 1 (t outside [0, 1] extrapolates).
+
+    The line search's model of θ_w's sample distribution between two scored models (tuning.searchers.LineSearch):
+    the mean and covariance of the features move linearly in w, a first-order model that holds for continuous
+    samplers and for discrete (token) samplers alike, since it is the distribution's moments, not each sample's
+    features, that vary smoothly with θ. An extrapolated covariance is projected onto the positive semi-definite
+    cone (negative eigenvalues set to 0) so that the Fréchet distance stays defined."""
+    check_comparable(a, b)
+    mu = a.mu + t * (b.mu - a.mu)
+    sigma = a.sigma + t * (b.sigma - a.sigma)
+    if t < 0 or t > 1:
+        values, vectors = np.linalg.eigh((sigma + sigma.T) / 2)
+        sigma = (vectors * np.clip(values, 0, None)) @ vectors.T
+    return Statistics(mu, sigma, min(a.n, b.n), a.feature_space, a.extractor, f"{a.source} → {b.source} at t = {t:g}")
+
+
 def features_to_bytes(features: np.ndarray, feature_space: str, radii: np.ndarray | None = None, k: int | None = None) -> bytes:
     """A capped feature sample (for precision/recall), tagged like its statistics, with its k-NN radii when known."""
     buf = io.BytesIO()

@@ -83,6 +83,8 @@ def run(section: TuneConfig, ctx: StageContext) -> Manifest:
                    "best_class_consistency": top["class_consistency"],
                    "best_base": flat(best_base) if best_base else None, "trials": rows, "final": final,
                    "images_scored": sum(t["rungs"][-1]["n"] for t in trials)}
+    if section.search == "line" and storage.exists(line := storage.join(rec.dir, "line.json")):
+        rec.metrics["line"] = storage.read_json(line)  # the predicted FID(w) per sampler setting, the probes' measured FIDs
     rec.params = {"search": section.search, "scheduler": section.scheduler, "rungs": cfg.search_rungs(),
                   "space": {k: v.model_dump(exclude_none=True) for k, v in section.space.items()} or {"w": list(section.w_grid)},
                   "final_seeds": section.final_seeds, "max_concurrent_trials": section.max_concurrent_trials,
@@ -118,8 +120,8 @@ def prior_of(cfg: RunConfig, diagnosis: dict) -> dict:
     if diagnosis.get("bracket_open"):  # the loss still fell at the last w point: reach at least as far as the configured range
         lo, hi = (lo, max(hi, configured[1])) if diagnosis["sign"] > 0 else (min(lo, configured[0]), hi)
     used, note = (lo, hi), f"tune.prior: searching w over the diagnosed bracket [{lo:g}, {hi:g}] (configured: [{configured[0]:g}, {configured[1]:g}])"
-    if t.search == "grid":
-        used, note = None, "tune.prior: the grid searcher scores its grid as configured (the prior steers bracket and optuna only)"
+    if t.search in ("grid", "line"):
+        used, note = None, f"tune.prior: the {t.search} searcher searches as configured (the prior steers bracket and optuna only)"
     elif diagnosis["sign"] == 0:
         used, note = None, "tune.prior: the diagnosis abstained (g·Δ within two standard errors of 0); searching the configured range"
     elif positive_only and hi <= 0:
