@@ -39,6 +39,25 @@ def test_statistics_refuse_other_feature_spaces_and_corrupt_files():
         Statistics.from_bytes(blob[: len(blob) // 2], "t.npz")
 
 
+def test_moments_along_a_line_pass_through_both_ends_and_stay_positive_semi_definite():
+    """The line searcher's model of θ_w: μ and Σ linear between two sets, Σ projected to PSD when extrapolated."""
+    from neon_ray.fid.stats import along_line
+
+    rng = np.random.default_rng(0)
+    a = Statistics.from_moments(Moments.of(rng.normal(size=(500, 4))), "s")
+    b = Statistics.from_moments(Moments.of(rng.normal(size=(500, 4)) * np.array([0.2, 1, 1, 3]) + 1.0), "s")
+    for t, ends in ((0.0, a), (1.0, b)):
+        np.testing.assert_allclose(along_line(a, b, t).mu, ends.mu)
+        np.testing.assert_allclose(along_line(a, b, t).sigma, ends.sigma)
+    half = along_line(a, b, 0.5)
+    np.testing.assert_allclose(half.sigma, (a.sigma + b.sigma) / 2)
+    far = along_line(a, b, 2.0)  # Σ_a + 2(Σ_b − Σ_a): the 0.2-scaled axis goes negative before the projection
+    assert np.linalg.eigvalsh(a.sigma + 2 * (b.sigma - a.sigma)).min() < 0
+    assert np.linalg.eigvalsh(far.sigma).min() >= -1e-12 and np.isfinite(frechet_distance(far, a))
+    with pytest.raises(NeonError, match="different feature spaces"):
+        along_line(a, Statistics(b.mu, b.sigma, 500, "other"), 0.5)
+
+
 def test_shipped_classifier_matches_its_record_and_accuracy():
     from safetensors.torch import load_file
 

@@ -255,7 +255,7 @@ class LineSearch(Searcher):
 
     def _confirm_trials(self) -> list[dict]:
         lines = self.predict()
-        best_fid, best_i, best_w = min((min((f, i, w) for w, f in line["predicted"].items() if w > 0)) for i, line in enumerate(lines))
+        best_fid, best_i, best_w = min((min((f, i, w) for w, f in line["predicted"].items() if w != 0)) for i, line in enumerate(lines))
         base_fid, base_i = min((line["measured"][0.0], i) for i, line in enumerate(lines))
         self._write(lines, best_i, best_w, base_i)
         top = len(self.rungs)
@@ -310,7 +310,8 @@ def line_points(w) -> tuple[list[float], float]:
     if not w.is_range:
         ws = sorted(float(c) for c in w.choice)
         middle = (ws[0] + ws[-1]) / 2
-        return ws, min(ws, key=lambda c: abs(c - middle))
+        # A tie goes up: on the quickstart a probe short of the FID-best w predicted too small a w (docs/results.md).
+        return ws, min(ws, key=lambda c: (abs(c - middle), -c))
     if w.scale == "log":
         ws = [w.low * (w.high / w.low) ** (i / 64) for i in range(65)]
         return ws, math.sqrt(w.low * w.high)
