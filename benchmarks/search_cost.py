@@ -125,7 +125,7 @@ def main() -> None:
           + (" rescored |" if rescored else "") + (" within one rescored sd of the grid's? |" if strict else ""))
     print("|---|---|---|---|---|---|---|---|---|" + ("---|" if rescored else "") + ("---|" if strict else ""))
     for r in rows:
-        share = f"{100 * r['images'] / grid['images']:.0f}%" if grid else "n/a"
+        share = f"{100 * r['images'] / grid['images']:.1f}%" if grid else "n/a"
         within = f" ({'within' if abs(r['fid'] - grid['fid']) <= r['floor'] else 'outside'} the floor of the grid's)" if grid and r is not grid else ""
         print(f"| {r['search']} | {r['trials']} | {r['images']:,} | {share} | {r['seconds']:.0f} | {r['w']:.3g}, {r['gamma']} | "
               f"{r['fid']:.3f}{within} | {r['base']:.3f} (γ {r['base_gamma']}) | {r['floor']:.3f} |" + (f" {r.get('rescored', '')} |" if rescored else "")
