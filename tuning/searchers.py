@@ -97,7 +97,26 @@ class GoldenSection:
         return g
 
 
-class BracketSearch(Searcher):
+class JsonStateSearcher(Searcher):
+    """A Ray Tune `Searcher` whose state (`get_state`/`set_state`, plain data) Tune saves with the experiment as JSON,
+    so restoring an experiment never unpickles."""
+
+    def get_state(self) -> dict:
+        raise NotImplementedError
+
+    def set_state(self, state: dict) -> None:
+        raise NotImplementedError
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "w") as f:
+            json.dump(self.get_state(), f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path) as f:
+            self.set_state(json.load(f))
+
+
+class BracketSearch(JsonStateSearcher):
     """w = 0 and a golden-section search over w at each sampler setting, on the first rung; then the best base
     setting and the best (w, setting) through every rung (`fidelity`)."""
 
@@ -175,17 +194,9 @@ class BracketSearch(Searcher):
             if self.base_fid[i] is None and self.with_base:
                 self.base_asked[i] = False
 
-    # Tune saves searchers with the experiment; JSON, so restoring never unpickles.
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "w") as f:
-            json.dump(self.get_state(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path) as f:
-            self.set_state(json.load(f))
 
 
-class LineSearch(Searcher):
+class LineSearch(JsonStateSearcher):
     """w = 0 and one probe w_p at each sampler setting, on the first rung; then FID(w) predicted along the line at
     every w of the searched range from those two sets' feature moments alone (`neon_ray.fid.stats.along_line`: μ and Σ
     linear in w), and the predicted best (w, setting) and the best base setting through every rung.
@@ -295,14 +306,6 @@ class LineSearch(Searcher):
         for k, v in state.items():
             setattr(self, k, v)
         self.asked, self.live = list(self.measured), {}  # probes asked but never told are asked again
-
-    def save(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path, "w") as f:
-            json.dump(self.get_state(), f)
-
-    def restore(self, checkpoint_path: str) -> None:
-        with open(checkpoint_path) as f:
-            self.set_state(json.load(f))
 
 
 def line_points(w) -> tuple[list[float], float]:
