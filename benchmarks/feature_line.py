@@ -90,10 +90,12 @@ def fid_of(features: np.ndarray, reference: Statistics) -> float:
     return frechet_distance(stats, reference)
 
 
-def measured_curves(summary: dict) -> tuple[int, dict[float, dict[float, float]]]:
+def measured_curves(summary: dict, guidance: float) -> tuple[int, dict[float, dict[float, float]]]:
     """(n, γ → {w: FID at n}) from the run's tune trials, at the largest n every trial was scored at (the first rung
-    under ASHA), so that every searched w is compared at one n."""
-    by_trial = [({int(k): v for k, v in t["fid_by_n"].items()}, float(t["sampler"]["guidance"]), float(t["w"])) for t in summary["trials"]]
+    under ASHA), so that every searched w is compared at one n. A search over w alone keeps the configured γ
+    (`guidance`), which its trials do not record."""
+    by_trial = [({int(k): v for k, v in t["fid_by_n"].items()}, float(t["sampler"].get("guidance", guidance)), float(t["w"]))
+                for t in summary["trials"]]
     n = max(set.intersection(*(set(b) for b, _, _ in by_trial)))
     curves: dict[float, dict[float, float]] = {}
     for fids, g, w in by_trial:
@@ -119,7 +121,8 @@ def main() -> int:
     run = args.run.rstrip("/")
     cfg = load_config(storage.join(run, "config.yaml"), output=run)
     summary = storage.read_json(storage.join(run, "summary.json"))
-    n_measured, measured = measured_curves(summary)
+    scoring_settings = cfg.scoring_sampler().model_dump()
+    n_measured, measured = measured_curves(summary, scoring_settings.get("guidance", 1.0))
     n = args.n or n_measured
     gammas = [float(g) for g in args.gammas.split(",")] if args.gammas else sorted(measured)
     reference = Statistics.from_bytes(storage.read_bytes(scoring.reference_uri(cfg)), "reference")
@@ -129,7 +132,6 @@ def main() -> int:
     ft_sd, _ = load_checkpoint(storage.join(run, "finetune", "model.safetensors"))
     family, net = load_model(spec_of(cfg), base_checkpoint(cfg, run))
     probes = [float(p) for p in args.probes.split(",")]
-    scoring_settings = cfg.scoring_sampler().model_dump()
 
     print(f"# {run}: n = {n} per probe and γ, probes w ∈ {probes}, mode {args.mode}, w line {W_LINE[0]} … {W_LINE[-1]} (step 0.125), extractor {cfg.evaluate.extractor}")
     print("| γ | predicted FID at w 0 | predicted argmin w | predicted FID there | measured FID-best w (search, same n) | measured FID there | measured at w 0 | seconds |")
