@@ -129,3 +129,21 @@ def test_sharded_fid_equals_torch_fidelity_single_process(ray_local, tmp_path, t
     with torch.no_grad():
         direct = create_extractor(FMNIST_CLASSIFIER, None, ["feat128"])(torch.from_numpy(a[keep]))[0].numpy()
     np.testing.assert_allclose(pa_.features, direct, rtol=1e-5, atol=1e-5)
+
+
+def test_feature_line_reads_the_search_at_the_n_every_trial_reached_and_keys_a_w_only_search_by_the_configured_gamma():
+    """benchmarks/feature_line.py compares its prediction with the run's search: at one n for every w (the first rung
+    under ASHA), and a search over w alone (its trials record no γ) under the configured γ."""
+    import importlib.util
+
+    from _support import ROOT
+
+    spec = importlib.util.spec_from_file_location("feature_line", ROOT / "benchmarks" / "feature_line.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    joint = {"trials": [{"w": 0.0, "sampler": {"guidance": 3.0}, "fid_by_n": {"200": 50.0, "1000": 48.0}},
+                        {"w": 0.5, "sampler": {"guidance": 3.0}, "fid_by_n": {"200": 30.0}},
+                        {"w": 0.5, "sampler": {"guidance": 2.0}, "fid_by_n": {"200": 40.0, "1000": 39.0}}]}
+    assert module.measured_curves(joint, 1.5) == (200, {3.0: {0.0: 50.0, 0.5: 30.0}, 2.0: {0.5: 40.0}})
+    w_only = {"trials": [{"w": w, "sampler": {}, "fid_by_n": {"5000": f}} for w, f in ((0.5, 397.4), (1.0, 365.2))]}
+    assert module.measured_curves(w_only, 1.5) == (5000, {1.5: {0.5: 397.4, 1.0: 365.2}})
