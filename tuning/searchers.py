@@ -99,13 +99,7 @@ class GoldenSection:
 
 class JsonStateSearcher(Searcher):
     """A Ray Tune `Searcher` whose state (`get_state`/`set_state`, plain data) Tune saves with the experiment as JSON,
-    so restoring an experiment never unpickles."""
-
-    def get_state(self) -> dict:
-        raise NotImplementedError
-
-    def set_state(self, state: dict) -> None:
-        raise NotImplementedError
+    so restoring an experiment never unpickles. Subclasses define the two (Ray's `Searcher` declares them)."""
 
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "w") as f:
@@ -193,7 +187,6 @@ class BracketSearch(JsonStateSearcher):
         for i in range(len(self.settings)):  # a base trial asked but never told is asked again
             if self.base_fid[i] is None and self.with_base:
                 self.base_asked[i] = False
-
 
 
 class LineSearch(JsonStateSearcher):
