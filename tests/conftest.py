@@ -111,6 +111,8 @@ LONG_TESTS = {
     "test_plugins.py::": 3,
     "test_interrupts.py::": 2,
     "test_families_e2e.py::": 2,
+    "test_search.py::test_the_line_search_on_the_tiny_run": 2,  # 131 s and 81 s on 2026-12-07 (copies of the
+    "test_diagnose.py::test_diagnose_and_a_search_from_its_bracket": 1,  # session's tiny run), late in file order
     "test_e2e.py::": 1,  # ... which this one then finds made (it would wait on the lock otherwise)
     "test_fid_reference.py::test_cli_fid_json": 1,
     "test_search.py::test_each_searcher": 1,
