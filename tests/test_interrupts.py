@@ -20,8 +20,9 @@ def _popen(*args: str) -> subprocess.Popen:
     import sys
 
     exe = Path(sys.executable).with_name("neon-ray")
+    # Ctrl-C's default action in the command, whatever this process (a pytest worker) does with SIGINT.
     return subprocess.Popen([str(exe), *args], cwd=ROOT, env=cli_env({"MLFLOW_TRACKING_URI": ""}), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def _wait_for(predicate, seconds: float, proc: subprocess.Popen) -> None:
@@ -77,8 +78,10 @@ def test_ray_address_that_does_not_answer_is_one_line_within_the_timeout(tmp_pat
 
 @pytest.mark.slow
 def test_a_search_stopped_after_some_trials_reruns_only_the_rest(tmp_path, undisturbed_tiny_run):
-    """SIGTERM once a few trials of a widened search have scored; the same command again resumes Tune's experiment
-    (Tuner.restore from the output) and scores only the trials that had not finished."""
+    """Ctrl-C (SIGINT) once a few trials of a widened search have scored: the command stops (Ray Tune, left to itself,
+    would take it as "end the search" and return the trials so far as if the search were done); the same command
+    again resumes Tune's experiment (Tuner.restore from the output) and scores only the trials that had not finished.
+    SIGTERM mid-search, `ray job stop`'s signal, is test_zz_job_submit's."""
     import shutil
 
     done, _, sets = undisturbed_tiny_run
@@ -91,7 +94,7 @@ def test_a_search_stopped_after_some_trials_reruns_only_the_rest(tmp_path, undis
     before = results()
     proc = _popen(*args)
     _wait_for(lambda: len(results()) >= len(before) + 1, 600, proc)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 130, stderr[-3000:]
     scored = results()

@@ -3,7 +3,8 @@
 The searcher (`tune.search`) and scheduler (`tune.scheduler`) come from `searchers`. A failed trial is
 retried (`tune.max_failures`, Tune's FailureConfig); a search that was stopped (a killed driver, `ray job
 stop`) is resumed with `Tuner.restore` from the experiment on the output, and every rung a trial already
-scored is reused from its folder, so only what is missing is scored again.
+scored is reused from its folder, so only what is missing is scored again. Ctrl-C stops the command, never just
+the search (`fit_or_interrupt`).
 
 Picking from Tune's `ResultGrid`: FID is biased in n (fewer samples, higher FID), so trials are compared
 only at equal n. Within each arm (base: w = 0; Neon: w > 0) the pick is the lowest FID among the trials
@@ -67,13 +68,25 @@ def run_search(cfg: RunConfig, base: str, finetuned: str, tune_dir: str, trial_h
                 run_config=tune.RunConfig(name=name, verbose=0, callbacks=[MLflowTrials()],
                                           failure_config=tune.FailureConfig(max_failures=t.max_failures), **where),
             )
-        grid = tuner.fit()
+        grid = fit_or_interrupt(tuner)
     finally:
         MLflowTrials.attach(None, None)
     if grid.errors:
         last = str(grid.errors[0]).strip().splitlines()[-1][:300]
         raise NeonError(f"tune: {len(grid.errors)} trial(s) failed after {t.max_failures} retries; first: {last}")
     return collect(cfg, grid, tune_dir, trial_hash, rungs)
+
+
+def fit_or_interrupt(tuner):
+    """`tuner.fit()`, where Ctrl-C stops the command. Left to itself, Tune takes Ctrl-C as "end the search" and returns
+    the trials so far as a finished ResultGrid: the stage would then pick, rescore and write its manifest from a
+    partial search, and a rerun would find it up to date. With Tune's handler off, Ctrl-C raises KeyboardInterrupt
+    here as anywhere else: the command exits 130 and a rerun resumes. (Tune's SIGUSR1 handler, which does the same,
+    cannot be turned off, and its interrupted grid looks finished: every trial it holds is terminated.)"""
+    import os
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by Tune when fit() starts
+    return tuner.fit()
 
 
 def collect(cfg: RunConfig, grid, tune_dir: str, trial_hash: str, rungs: list[int]) -> list[dict]:
