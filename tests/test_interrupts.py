@@ -67,6 +67,25 @@ def test_sigterm_mid_generate_exits_130_and_a_rerun_samples_only_what_is_missing
     assert all((samples / name).stat().st_mtime_ns == mtime for name, mtime in kept.items())  # not sampled again
 
 
+@pytest.mark.slow
+def test_ctrl_c_mid_training_exits_130_and_a_rerun_resumes_from_the_checkpoint(tmp_path):
+    """Ray Train's own Ctrl-C handler (installed when fit() runs on the main thread) made the command exit 1 without a
+    word; now Ctrl-C is handled as SIGTERM is."""
+    out = tmp_path / "o"
+    args = ("pretrain", str(TINY), "--output", str(out), "--set", "pretrain.steps=80", "--set", "pretrain.checkpoint_every=10",
+            "--set", "mlflow.enabled=false")
+    proc = _popen(*args)
+    # A checkpoint Ray Train has registered (its snapshot written), not only one whose folder is being filled.
+    _wait_for(lambda: any((out / "pretrain" / "ray").glob("*/checkpoint_manager_snapshot.json")), 300, proc)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert [l for l in stderr.splitlines() if l.startswith("neon-ray:")] == ["neon-ray: interrupted; rerun the same command to resume"]
+    assert not (out / "pretrain" / "manifest.json").exists()
+    again = neon_ray_cli(*args, timeout=600)
+    assert again.returncode == 0 and "[pretrain] resuming at step" in again.stdout, again.stdout[-3000:] + again.stderr[-3000:]
+
+
 def test_ray_address_that_does_not_answer_is_one_line_within_the_timeout(tmp_path, tiny_checkpoint):
     address = f"127.0.0.1:{free_port()}"
     t0 = time.time()

@@ -132,7 +132,7 @@ def fit(trainer, stage: str, max_failures: int, out_of_memory: str = ""):
     from ray.train import TrainingFailedError
 
     try:
-        return trainer.fit()
+        return off_the_main_thread(trainer.fit)
     except TrainingFailedError as exc:
         cause = exc.__cause__ or exc
         text = str(cause)
@@ -140,6 +140,30 @@ def fit(trainer, stage: str, max_failures: int, out_of_memory: str = ""):
         if out_of_memory and ran_out_of_memory(exc):
             raise NeonError(f"{stage}: a worker ran out of memory ({last[:160]}); {out_of_memory}; nothing was written") from None
         raise NeonError(f"{stage}: training failed after {max_failures} recovered failure(s); last worker error: {last[:300]}") from None
+
+
+def off_the_main_thread(call):
+    """`call()` in a thread of its own while the main thread waits. Ray Train installs its own Ctrl-C handler when fit()
+    runs on the main thread: it aborts the run and the process exits 1 without a word. Off the main thread it installs
+    none, so Ctrl-C raises KeyboardInterrupt here, as SIGTERM does (runtime/cluster.py): exit 130, the rerun resumes
+    from the latest checkpoint."""
+    import threading
+
+    outcome: dict = {}
+
+    def target():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread as it is
+            outcome["error"] = exc
+
+    worker = threading.Thread(target=target, name="ray-train-fit", daemon=True)  # daemon: an interrupt need not wait
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.5)  # a short join: the main thread takes the signal between two
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 # ----------------------------------------------------------------------------------------------
