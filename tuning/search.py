@@ -20,6 +20,7 @@ from neon_ray import storage
 from neon_ray.config import RunConfig
 from neon_ray.errors import NeonError
 from neon_ray.runtime.cluster import ray_storage
+from neon_ray.runtime.ray_train import off_the_main_thread
 from neon_ray.scoring import reference_uri
 
 from .callbacks import MLflowTrials
@@ -78,15 +79,12 @@ def run_search(cfg: RunConfig, base: str, finetuned: str, tune_dir: str, trial_h
 
 
 def fit_or_interrupt(tuner):
-    """`tuner.fit()`, where Ctrl-C stops the command. Left to itself, Tune takes Ctrl-C as "end the search" and returns
-    the trials so far as a finished ResultGrid: the stage would then pick, rescore and write its manifest from a
-    partial search, and a rerun would find it up to date. With Tune's handler off, Ctrl-C raises KeyboardInterrupt
-    here as anywhere else: the command exits 130 and a rerun resumes. (Tune's SIGUSR1 handler, which does the same,
-    cannot be turned off, and its interrupted grid looks finished: every trial it holds is terminated.)"""
-    import os
-
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"  # read by Tune when fit() starts
-    return tuner.fit()
+    """`tuner.fit()`, where a stop signal stops the command. On the main thread Tune installs handlers of its own that
+    take Ctrl-C and SIGUSR1 as "end the search" and return the trials so far as a finished ResultGrid: the stage would
+    then pick, rescore and write its manifest from a partial search, and a rerun would find it up to date. Off the
+    main thread Tune installs none: Ctrl-C raises KeyboardInterrupt here as anywhere else (exit 130, a rerun resumes),
+    and SIGUSR1 ends the command with nothing written."""
+    return off_the_main_thread(tuner.fit)
 
 
 def collect(cfg: RunConfig, grid, tune_dir: str, trial_hash: str, rungs: list[int]) -> list[dict]:

@@ -143,10 +143,10 @@ def fit(trainer, stage: str, max_failures: int, out_of_memory: str = ""):
 
 
 def off_the_main_thread(call):
-    """`call()` in a thread of its own while the main thread waits. Ray Train installs its own Ctrl-C handler when fit()
-    runs on the main thread: it aborts the run and the process exits 1 without a word. Off the main thread it installs
-    none, so Ctrl-C raises KeyboardInterrupt here, as SIGTERM does (runtime/cluster.py): exit 130, the rerun resumes
-    from the latest checkpoint."""
+    """`call()` in a thread of its own while the main thread waits. Ray Train and Ray Tune install Ctrl-C handlers of
+    their own when fit() runs on the main thread (Train's aborts the run and the process exits 1 without a word; Tune's
+    ends the search and returns it as if finished). Off the main thread they install none, so Ctrl-C raises
+    KeyboardInterrupt here, as SIGTERM does (runtime/cluster.py): exit 130, a rerun resumes."""
     import threading
 
     outcome: dict = {}
